@@ -1,0 +1,18 @@
+"""ConvNeXt V2 models: dense (timm), sparse FCMAE encoder, checkpoint loading.
+
+The torchvision guard must run before anything imports timm or torchvision.
+"""
+from . import _torchvision_guard
+
+_torchvision_guard.install()
+
+from .convnextv2 import MODEL_CONFIGS, check_model_name, create_dense_model  # noqa: E402
+from .sparse_encoder import BACKENDS, SparseConvNeXtV2  # noqa: E402
+
+__all__ = [
+    "MODEL_CONFIGS",
+    "BACKENDS",
+    "SparseConvNeXtV2",
+    "check_model_name",
+    "create_dense_model",
+]

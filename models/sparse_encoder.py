@@ -1,0 +1,91 @@
+"""Sparse ConvNeXt V2 encoder for FCMAE: one set of timm parameters, several backends.
+
+The encoder owns timm's own ``stem`` and ``stages`` modules, so ``state_dict()`` has exactly
+timm's key names (minus ``head.*``) and loads into ``timm.create_model(name, num_classes=0)``.
+How the blocks run over the visible positions is a backend's business
+(``models/backends/<name>.py``, each exporting ``encode(encoder, images, mask)``).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn as nn
+
+from .convnextv2 import MODEL_CONFIGS, create_dense_model
+
+# backend name -> what it is for (README lists the same)
+BACKENDS = {
+    "sparse": "pure PyTorch; per-position work only on visible positions (default)",
+    "masked": "dense convolutions with binary masks; reference semantics, full dense cost",
+    "minkowski": "MinkowskiEngine sparse tensors (optional extra, built from source)",
+}
+
+TOTAL_STRIDE = 32  # input pixels per cell of the final-stage grid (= FCMAE patch size)
+
+
+def get_backend(name: str):
+    """The ``encode(encoder, images, mask)`` function of backend ``name``."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return importlib.import_module(f"{__package__}.backends.{name}").encode
+
+
+class SparseConvNeXtV2(nn.Module):
+    """ConvNeXt V2 feature extractor that computes only on visible positions.
+
+    Args:
+        model_name: ``convnextv2_<size>``.
+        backend: ``"sparse"`` | ``"masked"`` | ``"minkowski"``; changeable at any time.
+        drop_path_rate: stochastic depth, as in timm.
+    """
+
+    def __init__(self, model_name: str, backend: str = "sparse", drop_path_rate: float = 0.0):
+        super().__init__()
+        dense = create_dense_model(model_name, num_classes=0, drop_path_rate=drop_path_rate)
+        self.model_name = model_name
+        self.depths, self.dims = MODEL_CONFIGS[model_name]
+        self.stem = dense.stem
+        self.stages = dense.stages
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+        self._backend = name
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encode the visible part of ``images``.
+
+        Args:
+            images: (N, 3, H, W), H and W multiples of 32.
+            mask: (N, L) float, 1 = hidden, L = (H/32) * (W/32); every image hides the same count.
+        Returns:
+            (N, dims[-1], H/32, W/32) features, exactly zero at hidden cells.
+        """
+        check_mask(images, mask)
+        return get_backend(self.backend)(self, images, mask)
+
+
+def check_mask(images: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise ValueError unless ``mask`` fits ``images`` (see ``SparseConvNeXtV2.forward``)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    batch, _, height, width = images.shape
+    if height % TOTAL_STRIDE or width % TOTAL_STRIDE:
+        raise ValueError(
+            f"input size {height}x{width} is not a multiple of {TOTAL_STRIDE}; "
+            f"resize or crop to a multiple of {TOTAL_STRIDE} (e.g. 224)"
+        )
+    grid_cells = (height // TOTAL_STRIDE) * (width // TOTAL_STRIDE)
+    if mask.shape != (batch, grid_cells):
+        raise ValueError(f"mask must be (N, L) = ({batch}, {grid_cells}) for {height}x{width} input, "
+                         f"got {tuple(mask.shape)}")
+    hidden_counts = mask.sum(dim=1)
+    if not torch.all(hidden_counts == hidden_counts[0]):
+        raise ValueError("every image must hide the same number of cells (use fcmae.random_masking)")
