@@ -1,0 +1,318 @@
+"""Load ConvNeXt V2 weights from any supported checkpoint layout into timm's dense model.
+
+Layouts, told apart by their key names (after unwrapping, see below):
+
+* ``timm`` (ours): ``stem.*``, ``stages.<i>.blocks.<j>.*``, optional ``head.norm.*`` /
+  ``head.fc.*``. What ``FCMAE.encoder.state_dict()`` and a fine-tuned timm model write.
+* ``official_dense``: the released ``convnextv2_<size>_1k_224_fcmae.pt`` (encoder only) and
+  ``..._ema.pt`` (fine-tuned) files: ``downsample_layers.<i>.<j>.*``,
+  ``stages.<i>.<j>.{dwconv,norm,pwconv1,grn,pwconv2}.*`` with GRN ``gamma``/``beta`` shaped
+  (1, 1, 1, 4C), final ``norm.*`` and classifier ``head.*``.
+* ``official_minkowski``: checkpoints written by the official FCMAE pretraining code, whose
+  encoder is built from MinkowskiEngine modules: convolutions hold a ``.kernel`` (one matrix
+  per kernel offset, see ``minkowski_kernel_to_conv_weight``) and a (1, C) bias, layer norms
+  and linears wrap ``nn.LayerNorm`` / ``nn.Linear`` as ``.ln.*`` / ``.linear.*``, GRN
+  ``gamma``/``beta`` are (1, 4C).
+
+Wrappers removed before that: nested ``{"model": ...}`` / ``{"state_dict": ...}`` dicts,
+``module.`` (DistributedDataParallel) and ``_orig_mod.`` (torch.compile) prefixes, and the
+``encoder.`` prefix of a whole FCMAE model, whose decoder (``proj``, ``mask_token``,
+``decoder``, ``pred``) is dropped.
+
+Files are read with safetensors (``.safetensors``) or ``torch.load(weights_only=True)``:
+nothing in a checkpoint can run code.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import math
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .convnextv2 import MODEL_CONFIGS, check_model_name, create_dense_model
+
+_logger = logging.getLogger(__name__)
+
+CONTAINER_KEYS = ("model", "state_dict")  # training checkpoints nest the weights under these
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+ENCODER_PREFIX = "encoder."  # a whole FCMAE model: the encoder is what we keep
+MINKOWSKI_SUFFIXES = (".kernel", ".ln.weight", ".linear.weight")
+MAX_LISTED_KEYS = 10  # per category in error messages
+
+# Official dense names -> timm names, applied in order (``head.`` before ``norm.``: the
+# final norm becomes ``head.norm``, the classifier ``head.fc``). Same facts as timm's
+# ``convnext.checkpoint_filter_fn``.
+_OFFICIAL_TO_TIMM = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"^downsample_layers\.0\.", "stem."),
+        (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+        (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+        (r"\.dwconv\.", ".conv_dw."),
+        (r"\.pwconv(\d)\.", r".mlp.fc\1."),
+        (r"\.grn\.gamma$", ".mlp.grn.weight"),
+        (r"\.grn\.beta$", ".mlp.grn.bias"),
+        (r"^head\.", "head.fc."),
+        (r"^norm\.", "head.norm."),
+    )
+)
+_MLP_WEIGHT = re.compile(r"\.mlp\.fc\d\.weight$")
+_BLOCK_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
+
+
+def read_checkpoint(path: str | Path) -> Mapping:
+    """The object stored in ``path``: a safetensors file or a plain-tensor torch file.
+
+    Torch files are unpickled with ``weights_only=True``; ``argparse.Namespace`` (the ``args``
+    entry of official training checkpoints, a plain attribute bag) is the one extra class
+    allowed. Anything else that needs code to unpickle raises ValueError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(error))
+        reason = f"it refers to {blocked.group(1)}" if blocked else "weights-only load refused"
+        raise ValueError(
+            f"{path} is not a plain tensor checkpoint: unpickling it would run code named in the "
+            f"file ({reason}), so it was not loaded. Re-save its weights from a trusted environment, "
+            f"e.g. torch.save(model.state_dict(), ...) or safetensors."
+        ) from error
+
+
+def convert_to_timm(checkpoint: Mapping, model_name: str) -> dict[str, torch.Tensor]:
+    """State dict in timm ``model_name`` names and shapes, from any supported layout.
+
+    ``checkpoint`` may be a bare state dict or a training checkpoint wrapping one (see the
+    module docstring). Shapes are converted, not checked: a checkpoint of another size comes
+    back with its own shapes, and ``load_pretrained`` reports the mismatch.
+    """
+    check_model_name(model_name)
+    state = _strip_wrappers(_unwrap(checkpoint))
+    layout = detect_layout(state)
+    if layout == "official_minkowski":
+        state = _minkowski_to_official_dense(state)
+    if layout in ("official_minkowski", "official_dense"):
+        state = _official_dense_to_timm(state)
+    _logger.info("checkpoint layout: %s (%d tensors)", layout, len(state))
+    return _fit_mlp_weights(state, _timm_shapes(model_name))
+
+
+def load_pretrained(
+    model_name: str,
+    path: str | Path,
+    num_classes: int | None = None,
+    strict_encoder: bool = True,
+    **timm_kwargs,
+) -> nn.Module:
+    """Dense timm ConvNeXt V2 ``model_name`` initialised from the checkpoint at ``path``.
+
+    Args:
+        model_name: ``convnextv2_<size>``.
+        path: any supported checkpoint (module docstring).
+        num_classes: classifier size; None takes the checkpoint's when it has a classifier,
+            else timm's default. The classifier (``head.fc``) is loaded only when its shape
+            matches, otherwise it keeps its fresh initialisation. The head LayerNorm
+            (``head.norm``) is loaded whenever the checkpoint has it.
+        strict_encoder: every encoder tensor (stem, stages) must be present with the model's
+            shape, and no unknown tensor may be left over; otherwise ValueError listing the
+            mismatches and the model size the checkpoint looks like. False turns that into a
+            warning and loads the tensors that fit.
+        **timm_kwargs: passed to ``timm.create_model`` (drop_path_rate, ...).
+    """
+    state = convert_to_timm(read_checkpoint(path), model_name)
+    if num_classes is None and "head.fc.weight" in state:
+        num_classes = state["head.fc.weight"].shape[0]
+    if num_classes is not None:
+        timm_kwargs["num_classes"] = num_classes
+    model = create_dense_model(model_name, **timm_kwargs)
+    expected = model.state_dict()
+
+    problems = _encoder_problems(state, expected)
+    if any(problems.values()):
+        message = _describe_problems(path, model_name, state, **problems)
+        if strict_encoder:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
+
+    loadable = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    head = "loaded" if "head.fc.weight" in loadable else "newly initialised"
+    _logger.info("loaded %d/%d tensors of %s from %s; classifier %s",
+                 len(loadable), len(expected), model_name, path, head)
+    return model
+
+
+def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """``"timm"``, ``"official_dense"`` or ``"official_minkowski"``, from unwrapped key names."""
+    keys = list(state)
+    if any(k.startswith("downsample_layers.") for k in keys):
+        if any(k.endswith(MINKOWSKI_SUFFIXES) for k in keys):
+            return "official_minkowski"
+        return "official_dense"
+    if any(k.startswith("stem.") or _BLOCK_KEY.match(k) for k in keys):
+        return "timm"
+    raise ValueError(
+        "unrecognised checkpoint layout: expected timm keys (stem.0.weight, "
+        "stages.0.blocks.0.conv_dw.weight, ...), official ConvNeXt V2 keys "
+        "(downsample_layers.0.0.weight, stages.0.0.dwconv.weight, ...) or official "
+        f"MinkowskiEngine keys (stages.0.0.dwconv.kernel, ...); got {_listing(keys)}"
+    )
+
+
+def minkowski_kernel_to_conv_weight(kernel: torch.Tensor) -> torch.Tensor:
+    """MinkowskiEngine kernel -> ``nn.Conv2d`` weight.
+
+    ME keeps one matrix per kernel offset: (k*k, in, out) for a convolution, (k*k, C) for a
+    depthwise one. Offset ``t = w * k + h`` (``h``: row, ``w``: column): the first spatial
+    coordinate varies fastest, ME's hypercube kernel-region order for the (batch, row, column)
+    coordinates that ``to_sparse`` builds from an NCHW tensor, and the order the official
+    release's own key remapping assumes. Returns (out, in, k, k), or (C, 1, k, k) depthwise.
+    """
+    kernel_size = math.isqrt(kernel.shape[0])
+    if kernel.ndim not in (2, 3) or kernel_size**2 != kernel.shape[0]:
+        raise ValueError(f"not a square MinkowskiEngine kernel: shape {tuple(kernel.shape)}")
+    if kernel.ndim == 2:
+        kernel = kernel.unsqueeze(1)  # depthwise: one input channel per output channel
+    by_offset = kernel.reshape(kernel_size, kernel_size, *kernel.shape[1:])  # (w, h, in, out)
+    return by_offset.permute(3, 2, 1, 0).contiguous()
+
+
+def infer_model_name(state: Mapping[str, torch.Tensor]) -> str:
+    """The ``convnextv2_<size>`` whose depths and dims a timm-named state dict has, or a
+    description of them when no size matches."""
+    try:
+        dims = [state["stem.0.weight"].shape[0]]
+        dims += [state[f"stages.{i}.downsample.1.weight"].shape[0] for i in range(1, 4)]
+    except KeyError:
+        return "no known size (stem or downsample weights missing)"
+    blocks = {tuple(map(int, m.groups())) for m in map(_BLOCK_KEY.match, state) if m}
+    depths = [sum(1 for stage, _ in blocks if stage == i) for i in range(4)]
+    for name, config in MODEL_CONFIGS.items():
+        if config == (tuple(depths), tuple(dims)):
+            return name
+    return f"no known size (depths {tuple(depths)}, dims {tuple(dims)})"
+
+
+def _unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
+    """The tensors of the innermost ``model``/``state_dict`` mapping."""
+    state = checkpoint
+    while isinstance(state, Mapping):
+        inner = next((state[k] for k in CONTAINER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint holds a {type(state).__name__}, not a state dict")
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"checkpoint holds no tensors; its entries are {_listing(list(state))}")
+    return tensors
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
+    if any(k.startswith(ENCODER_PREFIX) for k in state):
+        state = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    return state
+
+
+def _minkowski_to_official_dense(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    dense = {}
+    for key, value in state.items():
+        if key.endswith(".kernel"):
+            key, value = key[: -len("kernel")] + "weight", minkowski_kernel_to_conv_weight(value)
+        else:
+            key = key.replace(".ln.", ".").replace(".linear.", ".")
+            if key.endswith(".bias") and value.ndim == 2:  # ME convolution bias is (1, C)
+                value = value.reshape(-1)
+        dense[key] = value
+    return dense
+
+
+def _official_dense_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    converted = {}
+    for key, value in state.items():
+        for pattern, replacement in _OFFICIAL_TO_TIMM:
+            key = pattern.sub(replacement, key)
+        if ".mlp.grn." in key:
+            value = value.reshape(-1)  # (1, 1, 1, C) dense, (1, C) MinkowskiEngine -> (C,)
+        converted[key] = value
+    return converted
+
+
+def _fit_mlp_weights(state: dict[str, torch.Tensor], shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Reshape block MLP weights between Linear (4C, C) and 1x1 conv (4C, C, 1, 1): timm uses
+    convs for atto..nano (``conv_mlp=True``), Linear from tiny up; checkpoints vary."""
+    fitted = dict(state)
+    for key, value in state.items():
+        target = shapes.get(key)
+        if _MLP_WEIGHT.search(key) and target is not None and value.shape != target and value.numel() == target.numel():
+            fitted[key] = value.reshape(target)
+    return fitted
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_shapes(model_name: str) -> dict[str, torch.Size]:
+    """Parameter shapes of timm's ``model_name``, from a model on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = create_dense_model(model_name)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _encoder_problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, list]:
+    """Mismatched, missing and unexpected keys outside the classifier (``head.fc``), which may
+    legitimately differ. ``head.norm`` may be missing (encoder-only checkpoints lack it)."""
+    return {
+        "mismatched": [
+            (k, tuple(v.shape), tuple(expected[k].shape))
+            for k, v in state.items()
+            if k in expected and v.shape != expected[k].shape and not k.startswith("head.fc.")
+        ],
+        "missing": [k for k in expected if k not in state and not k.startswith("head.")],
+        "unexpected": [k for k in state if k not in expected and not k.startswith("head.")],
+    }
+
+
+def _describe_problems(path, model_name: str, state, mismatched, missing, unexpected) -> str:
+    looks_like = infer_model_name(state)
+    lines = [f"checkpoint {path} does not fit {model_name}; it looks like {looks_like}."]
+    if looks_like in MODEL_CONFIGS and looks_like != model_name:
+        lines.append(f"Load it with model name {looks_like!r}.")
+    if mismatched:
+        lines.append(f"{len(mismatched)} shape mismatches (checkpoint vs model):")
+        lines += [f"  {k}: {tuple(have)} vs {tuple(want)}" for k, have, want in mismatched[:MAX_LISTED_KEYS]]
+        if len(mismatched) > MAX_LISTED_KEYS:
+            lines.append(f"  ... and {len(mismatched) - MAX_LISTED_KEYS} more")
+    if missing:
+        lines.append(f"missing from the checkpoint: {_listing(missing)}")
+    if unexpected:
+        lines.append(f"unexpected in the checkpoint: {_listing(unexpected)}")
+    return "\n".join(lines)
+
+
+def _listing(keys: list) -> str:
+    shown = ", ".join(map(str, keys[:MAX_LISTED_KEYS]))
+    more = f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED_KEYS else ""
+    return f"[{shown}{more}]"
