@@ -1,0 +1,127 @@
+"""Training checkpoints that survive crashes: atomic files, keep-last-N, latest valid one.
+
+* ``atomic_write(path, write_fn)``: ``write_fn(file)`` writes a temporary file in the same folder,
+  which is flushed, fsynced and renamed over ``path`` (then the folder is fsynced): a reader sees
+  the old file or the new one, never half of one.
+* ``save_checkpoint(state, output_dir, epoch, keep_last)`` -> ``<output_dir>/checkpoint-<epoch>.pth``
+  (``epoch`` = epochs completed), then deletes all but the newest ``keep_last``.
+* ``checkpoint_paths(output_dir)``: checkpoint files, oldest first.
+* ``load_checkpoint(path)``: ``torch.load(weights_only=True)`` on CPU; ``CheckpointError`` if the
+  file is unreadable or lacks ``required_keys``.
+* ``latest_valid_checkpoint(output_dir)`` -> (path, state) | None: the newest loadable one; each
+  truncated or corrupt newer file is reported in a warning naming it.
+* ``save_safetensors(state_dict, path, metadata)``: atomic safetensors export (e.g. the encoder).
+
+State is plain data (tensors, numbers, strings, lists, dicts) so nothing in a file can run code;
+``seeding.capture_rng_state`` provides the RNG part in that form.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pth$")
+REQUIRED_KEYS = ("model", "epoch")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file and the cause."""
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) -> Path:
+    """Write ``path`` through ``write_fn(binary_file)`` so it is replaced all at once or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as file:
+            write_fn(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def checkpoint_paths(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-<epoch>.pth`` files in ``output_dir``, oldest (smallest epoch) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in output_dir.iterdir()
+             if (match := CHECKPOINT_PATTERN.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(state: Mapping[str, Any], output_dir: str | os.PathLike, epoch: int, keep_last: int) -> Path:
+    """Atomically write ``checkpoint-<epoch>.pth``; keep only the newest ``keep_last`` checkpoints."""
+    path = atomic_write(Path(output_dir) / f"checkpoint-{epoch}.pth", lambda file: torch.save(dict(state), file))
+    for old in checkpoint_paths(output_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, required_keys: Iterable[str] = REQUIRED_KEYS) -> dict[str, Any]:
+    """Load a checkpoint on CPU with ``weights_only=True``; raise CheckpointError if unusable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, bad pickle, disallowed type, I/O error...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    missing = [key for key in required_keys if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return state
+
+
+def latest_valid_checkpoint(
+    output_dir: str | os.PathLike, required_keys: Iterable[str] = REQUIRED_KEYS
+) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The newest checkpoint in ``output_dir`` that loads, with its state; None if there is none."""
+    required_keys = tuple(required_keys)
+    for path in reversed(checkpoint_paths(output_dir)):
+        try:
+            return path, load_checkpoint(path, required_keys)
+        except CheckpointError as error:
+            _logger.warning("skipping unusable checkpoint %s (%s); trying the previous one", path, error)
+    return None
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Optional[Mapping[str, str]] = None
+) -> Path:
+    """Atomically write ``state_dict`` (CPU, contiguous copies) as a safetensors file."""
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    payload = safetensors_bytes(tensors, metadata=dict(metadata) if metadata else None)
+    return atomic_write(path, lambda file: file.write(payload))

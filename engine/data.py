@@ -1,0 +1,239 @@
+"""Images for training: folders that tolerate bad files, embedded photos, distributed loaders.
+
+* ``pretrain_transform(input_size)``: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip,
+  ToTensor, ImageNet mean/std (the FCMAE recipe); ``normalize_transform()``: the last two.
+* ``to_rgb(image)``: any PIL image (grayscale, 16-bit, palette, RGBA, CMYK) as 8-bit RGB.
+* ``resolve_image_root(data_path, split)``: ``<data_path>/<split>`` if it exists, else ``data_path``.
+* ``ImageFolderSkippingUnreadable(root, transform)``: torchvision ImageFolder whose unreadable files
+  (corrupt, truncated, not images) are skipped with a warning naming each and counting them; the
+  next readable file in the list takes its place, so batches stay full. If every file is
+  unreadable it raises ``UnreadableDatasetError``. ``build_image_folder`` adds a clear error
+  for a folder without images.
+* ``EmbeddedPhotos(split, input_size, length, transform=None)``: real photographs bundled with
+  scikit-image (public domain / CC0), no download needed; see its docstring.
+* ``build_loader(dataset, batch_size, num_workers, seed, rank, world_size, device, train)``:
+  DataLoader over a ``DistributedSampler`` (also for one process: a seeded shuffle per epoch;
+  the training loop calls ``sampler.set_epoch``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import models  # noqa: F401  (torchvision guard before torchvision)
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import InterpolationMode
+
+from .config import ConfigError
+from .seeding import derive_seed
+
+_logger = logging.getLogger(__name__)
+
+# what PIL raises for files it cannot decode (UnidentifiedImageError and truncation are OSErrors)
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class UnreadableDatasetError(RuntimeError):
+    """Every file of an image folder is unreadable."""
+
+
+def normalize_transform() -> transforms.Compose:
+    return transforms.Compose([
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def pretrain_transform(input_size: int) -> transforms.Compose:
+    """FCMAE pretraining augmentation: PIL RGB image -> (3, input_size, input_size) normalised tensor."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        normalize_transform(),
+    ])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16/32-bit grayscale rescaled to 0-255, transparency composited on white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if values.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
+        image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8))
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(values * 255.0 if values.max(initial=0) <= 1.0 else values,
+                                        0, 255).round().astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` fully as RGB; raises one of ``UNREADABLE_IMAGE_ERRORS`` if it cannot."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def resolve_image_root(data_path: str | os.PathLike, split: str = "train") -> Path:
+    """``<data_path>/<split>`` if that folder exists, else ``data_path`` itself (class folders)."""
+    split_root = Path(data_path) / split
+    return split_root if split_root.is_dir() else Path(data_path)
+
+
+class ImageFolderSkippingUnreadable(ImageFolder):
+    """``ImageFolder`` (``<root>/<class>/<image>``) -> (image, class index), skipping unreadable files.
+
+    An unreadable file is logged once (naming it and the running count) and replaced by the next
+    readable file in the sample list. The bookkeeping lives in shared memory, so DataLoader
+    workers' findings add up in ``unreadable_count``.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None):
+        super().__init__(os.fspath(root), transform=transform, loader=load_rgb_image)
+        self._unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    @property
+    def unreadable_count(self) -> int:
+        return int(self._unreadable.sum())
+
+    def unreadable_paths(self) -> list[str]:
+        return [self.samples[index][0] for index in torch.nonzero(self._unreadable).flatten().tolist()]
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            if self._unreadable[candidate]:
+                continue
+            path, target = self.samples[candidate]
+            try:
+                image = self.loader(path)
+            except UNREADABLE_IMAGE_ERRORS as error:
+                self._unreadable[candidate] = True
+                _logger.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
+                                path, type(error).__name__, error, self.unreadable_count)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, target
+        raise UnreadableDatasetError(f"all {len(self.samples)} image files under {self.root} are unreadable; "
+                           "check the files (e.g. open one with PIL) or point --data_path elsewhere")
+
+
+def build_image_folder(data_path: str | os.PathLike, split: str, transform: Callable) -> ImageFolderSkippingUnreadable:
+    """The ``split`` images under ``data_path``; ConfigError naming --data_path if there are none."""
+    root = resolve_image_root(data_path, split)
+    try:
+        dataset = ImageFolderSkippingUnreadable(root, transform=transform)
+    except FileNotFoundError as error:
+        raise ConfigError(
+            f"--data_path {data_path}: no images found in {root} ({error}); expected "
+            f"<root>/{split}/<class>/<image> or <root>/<class>/<image> with extensions .jpg .png ..."
+        ) from error
+    return dataset
+
+
+# name -> loader of a natural colour photograph shipped inside scikit-image (no download)
+_EMBEDDED_LOADERS: dict[str, Callable[[Any], np.ndarray]] = {  # argument: skimage.data
+    "astronaut": lambda data: data.astronaut(),
+    "chelsea": lambda data: data.chelsea(),
+    "coffee": lambda data: data.coffee(),
+    "rocket": lambda data: data.rocket(),
+    "motorcycle": lambda data: data.stereo_motorcycle()[0],
+    "hubble_deep_field": lambda data: data.hubble_deep_field(),
+    "retina": lambda data: data.retina(),
+    "immunohistochemistry": lambda data: data.immunohistochemistry(),
+}
+EMBEDDED_PHOTO_NAMES = tuple(_EMBEDDED_LOADERS)
+_SPLIT_SEEDS = {"train": 0, "val": 1}
+
+
+@functools.lru_cache(maxsize=1)
+def embedded_photos() -> tuple[Image.Image, ...]:
+    """scikit-image's bundled colour photographs as RGB PIL images, in ``EMBEDDED_PHOTO_NAMES`` order."""
+    import skimage.data
+
+    return tuple(to_rgb(Image.fromarray(_EMBEDDED_LOADERS[name](skimage.data))) for name in EMBEDDED_PHOTO_NAMES)
+
+
+class EmbeddedPhotos(Dataset):
+    """Random crops of scikit-image's bundled photographs: a labelled dataset needing only pip.
+
+    Item ``i`` is ``(image, label)``: ``label = i % 8`` says which photo (``classes[label]``; astronaut,
+    chelsea the cat, coffee, rocket, motorcycle, Hubble deep field, retina, immunohistochemistry),
+    and the image is a crop of that photo covering 20-100% of its area with aspect ratio 3/4-4/3,
+    flipped horizontally half the time, resized (bicubic) to ``input_size`` square. The crop is
+    seeded by ``(split, i)``: item ``i`` is the same on every epoch, process and machine, and the
+    ``"val"`` split draws different crops from the ``"train"`` split.
+
+    ``transform`` maps the PIL crop to the returned image (default: ToTensor + ImageNet
+    normalisation -> (3, input_size, input_size) float tensor).
+    """
+
+    scale = (0.2, 1.0)
+    ratio = (3 / 4, 4 / 3)
+
+    def __init__(self, split: str, input_size: int, length: int, transform: Optional[Callable] = None):
+        if split not in _SPLIT_SEEDS:
+            raise ValueError(f"split must be one of {', '.join(_SPLIT_SEEDS)}, got {split!r}")
+        self.split, self.input_size, self.length = split, input_size, length
+        self.transform = transform if transform is not None else normalize_transform()
+        self.classes = list(EMBEDDED_PHOTO_NAMES)
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        self.targets = [index % len(self.classes) for index in range(length)]
+        self.photos = embedded_photos()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def crop(self, index: int) -> Image.Image:
+        """The seeded crop of item ``index`` as an RGB PIL image of ``input_size`` x ``input_size``."""
+        photo = self.photos[self.targets[index]]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(_SPLIT_SEEDS[self.split], index))
+            top, left, height, width = transforms.RandomResizedCrop.get_params(photo, list(self.scale),
+                                                                               list(self.ratio))
+            flip = bool(torch.rand(()) < 0.5)
+        crop = photo.resize((self.input_size, self.input_size), Image.Resampling.BICUBIC,
+                            box=(left, top, left + width, top + height))
+        return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        return self.transform(self.crop(index)), self.targets[index]
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device = torch.device("cpu"),
+    train: bool = True,
+) -> DataLoader:
+    """DataLoader over this rank's share of ``dataset``.
+
+    ``train``: shuffled by ``seed`` + epoch (``sampler.set_epoch``), incomplete batches dropped.
+    Otherwise in order, nothing dropped (the sampler pads ranks to equal length by repeating items).
+    Workers are not persistent: they are started each epoch from the RNG the training script
+    reseeds per epoch, so a resumed run draws the same augmentations as an uninterrupted one.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
+                                 drop_last=train)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", drop_last=train, persistent_workers=False)

@@ -1,0 +1,96 @@
+"""engine.checkpoint + engine.seeding: atomic files, keep-last-N, skipping corrupt files, RNG state."""
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import checkpoint as ckpt
+from engine.seeding import capture_rng_state, derive_seed, restore_rng_state
+
+
+def small_state(epoch: int) -> dict:
+    return {"model": {"weight": torch.full((3, 2), float(epoch))}, "optimizer": {}, "epoch": epoch}
+
+
+def test_failed_write_leaves_previous_checkpoint_intact_and_no_temporary_file(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(small_state(1), tmp_path, epoch=1, keep_last=3)
+    target = tmp_path / "checkpoint-1.pth"
+    before = target.read_bytes()
+
+    real_save = torch.save
+
+    def save_half_then_crash(obj, file):
+        real_save(obj, file)
+        file.truncate(10)  # half-written file...
+        raise OSError("disk full")  # ...then the write fails
+
+    monkeypatch.setattr(torch, "save", save_half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(small_state(2), tmp_path, epoch=1, keep_last=3)  # overwrite attempt
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(small_state(2), tmp_path, epoch=2, keep_last=3)
+
+    assert target.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-1.pth"]
+    assert ckpt.load_checkpoint(target)["epoch"] == 1
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    for epoch in (1, 2, 5, 10, 20):
+        ckpt.save_checkpoint(small_state(epoch), tmp_path, epoch=epoch, keep_last=2)
+    assert [path.name for path in ckpt.checkpoint_paths(tmp_path)] == ["checkpoint-10.pth", "checkpoint-20.pth"]
+
+
+def test_latest_valid_checkpoint_skips_truncated_newest_file_with_warning(tmp_path, caplog):
+    for epoch in (1, 2, 3):
+        ckpt.save_checkpoint(small_state(epoch), tmp_path, epoch=epoch, keep_last=5)
+    newest = tmp_path / "checkpoint-3.pth"
+    newest.write_bytes(newest.read_bytes()[:200])  # e.g. copied from a node that died mid-transfer
+    (tmp_path / "checkpoint-4.pth").write_bytes(b"not a checkpoint at all")
+
+    with caplog.at_level(logging.WARNING):
+        path, state = ckpt.latest_valid_checkpoint(tmp_path)
+
+    assert path.name == "checkpoint-2.pth" and state["epoch"] == 2
+    warned = " ".join(record.getMessage() for record in caplog.records)
+    assert "checkpoint-4.pth" in warned and "checkpoint-3.pth" in warned
+
+
+def test_checkpoint_without_required_keys_is_rejected(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint-1.pth")
+    with pytest.raises(ckpt.CheckpointError, match="lacks model, epoch"):
+        ckpt.load_checkpoint(tmp_path / "checkpoint-1.pth")
+    assert ckpt.latest_valid_checkpoint(tmp_path) is None
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in python's state
+    ckpt.save_checkpoint({"model": {}, "epoch": 1, "rng": capture_rng_state()}, tmp_path, 1, 1)
+    expected = (random.random(), np.random.rand(), torch.rand(2), random.gauss(0, 1))
+
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    restore_rng_state(ckpt.load_checkpoint(tmp_path / "checkpoint-1.pth")["rng"])
+    actual = (random.random(), np.random.rand(), torch.rand(2), random.gauss(0, 1))
+
+    assert actual[0] == expected[0] and actual[1] == expected[1] and actual[3] == expected[3]
+    assert torch.equal(actual[2], expected[2])
+
+
+def test_safetensors_export_is_readable_and_atomic(tmp_path):
+    weights = {"stem.0.weight": torch.randn(4, 3, 4, 4), "head.norm.bias": torch.zeros(4)}
+    path = ckpt.save_safetensors(weights, tmp_path / "encoder.safetensors", {"model_name": "convnextv2_atto"})
+    loaded = load_file(path)
+    assert loaded.keys() == weights.keys() and torch.equal(loaded["stem.0.weight"], weights["stem.0.weight"])
+    assert [p.name for p in tmp_path.iterdir()] == ["encoder.safetensors"]
+
+
+def test_derived_seeds_depend_on_every_index():
+    seeds = {derive_seed(0, epoch, iteration, rank)
+             for epoch in range(3) for iteration in range(3) for rank in range(2)}
+    assert len(seeds) == 18
+    assert derive_seed(5, 1, 2) == derive_seed(5, 1, 2) != derive_seed(5, 2, 1)
+    assert all(0 <= seed < 2**63 for seed in seeds)

@@ -1,0 +1,123 @@
+"""engine.loop: the shared epoch loop, accumulation, AMP scaling, non-finite loss, progress lines."""
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fcmae
+from engine.logging import ProgressMeter
+from engine.loop import GradientStepper, NonFiniteLossError, train_one_epoch
+from engine.optim import build_adamw
+from engine.schedule import build_lr_scheduler
+
+torch.set_num_threads(1)  # shared CPU: one thread avoids oversubscription stalls
+
+
+class ConstantLr:
+    """Scheduler stub: keeps the optimizer's lr; records the update indices it was given."""
+
+    def __init__(self):
+        self.updates = []
+
+    def step_update(self, update):
+        self.updates.append(update)
+
+
+def mean_squared_loss(model, batch, step):
+    inputs, targets = batch
+    return ((model(inputs) - targets) ** 2).mean(), {}
+
+
+def test_fcmae_loss_falls_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    model = fcmae.build_fcmae("convnextv2_atto")
+    images = torch.randn(2, 3, 64, 64)
+    mask = fcmae.random_masking(2, 4, 0.5, generator=torch.Generator().manual_seed(0))
+    optimizer = build_adamw(model, lr=1e-3, weight_decay=0.05)
+    stepper = GradientStepper(model, optimizer)
+    scheduler = build_lr_scheduler(optimizer, epochs=1, warmup_epochs=0, updates_per_epoch=30)
+
+    def fcmae_loss(model, batch, step):
+        loss, _, _ = model(batch, mask)
+        return loss, {}
+
+    with torch.no_grad():
+        first_loss = model(images, mask)[0].item()
+    stats = train_one_epoch(model, [images] * 30, fcmae_loss, stepper, scheduler, epoch=0, epochs=1, print_freq=100)
+    with torch.no_grad():
+        final_loss = model(images, mask)[0].item()
+    assert stats["loss"] < first_loss
+    assert final_loss < 0.5 * first_loss, f"loss went from {first_loss:.3f} to only {final_loss:.3f} in 30 steps"
+
+
+def test_accumulating_two_half_batches_equals_one_full_batch_step():
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(8, 5), torch.randn(8, 3)
+    reference, accumulated = nn.Linear(5, 3), nn.Linear(5, 3)
+    accumulated.load_state_dict(reference.state_dict())
+
+    for model, batches, update_freq in ((reference, [(inputs, targets)], 1),
+                                        (accumulated, [(inputs[:4], targets[:4]), (inputs[4:], targets[4:])], 2)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        stepper = GradientStepper(model, optimizer, update_freq=update_freq, clip_grad=0.5)
+        scheduler = ConstantLr()
+        train_one_epoch(model, batches, mean_squared_loss, stepper, scheduler, epoch=0, epochs=1)
+        assert scheduler.updates == [0]  # one optimizer update in both cases
+
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(accumulated.state_dict()[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_trailing_incomplete_accumulation_group_is_dropped():
+    model = nn.Linear(2, 1)
+    batches = [(torch.randn(2, 2), torch.randn(2, 1))] * 5
+    stepper = GradientStepper(model, torch.optim.SGD(model.parameters(), lr=0.1), update_freq=2)
+    scheduler = ConstantLr()
+    train_one_epoch(model, batches, mean_squared_loss, stepper, scheduler, epoch=3, epochs=4)
+    assert scheduler.updates == [6, 7]  # 5 batches -> 2 updates per epoch; epoch 3 starts at update 6
+    assert all(param.grad is None for param in model.parameters())  # nothing left accumulated
+
+
+def test_non_finite_loss_stops_naming_epoch_and_iteration_before_updating():
+    model = nn.Linear(2, 1)
+    batches = [(torch.randn(2, 2), torch.randn(2, 1)) for _ in range(4)]
+    batches[2] = (torch.full((2, 2), float("nan")), torch.zeros(2, 1))
+    stepper = GradientStepper(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    snapshot = {}
+
+    def loss_recording_weights(model, batch, step):
+        snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
+        return mean_squared_loss(model, batch, step)
+
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 5 iteration 2 .*--clip_grad") as caught:
+        train_one_epoch(model, batches, loss_recording_weights, stepper, ConstantLr(), epoch=5, epochs=6)
+    assert "--amp bf16" in str(caught.value) and "lower --lr" in str(caught.value)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, snapshot[name]) and torch.isfinite(tensor).all()
+
+
+def test_fp16_overflow_skips_the_update_and_counts_it():
+    model = nn.Linear(4, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stepper = GradientStepper(model, torch.optim.SGD(model.parameters(), lr=0.1), amp="fp16")
+
+    def overflowing_loss(model, batch, step):
+        return (model(batch).float() * 1e36).mean(), {}  # finite fp32 loss, inf gradients once scaled
+
+    stats = train_one_epoch(model, [torch.ones(2, 4)], overflowing_loss, stepper, ConstantLr(), epoch=0, epochs=1)
+    assert stats["skipped_updates"] == 1 and stepper.skipped_updates == 1
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert stepper.state_dict()["scaler"]["scale"] < 65536.0  # the scaler backed off
+
+
+def test_progress_line_shows_loss_lr_throughput_and_eta(caplog):
+    meter = ProgressMeter(epoch=1, epochs=4, iterations=10, print_freq=5, world_size=2)
+    with caplog.at_level(logging.INFO):
+        lines = [meter.update(i, loss=1.0 - 0.1 * i, lr=3e-4, batch_size=8) for i in range(10)]
+    printed = [line for line in lines if line]
+    assert len(printed) == 2 and printed[0] in caplog.text
+    assert printed[1].startswith("epoch 2/4 [10/10]  loss 0.1000 (0.5500)  lr 3.00e-04")
+    assert "img/s  eta 0:00:00 (run 0:00:" in printed[1]
+    assert meter.images == 160  # 10 iterations x 8 images x 2 ranks
