@@ -2,10 +2,11 @@
 # Build and install MinkowskiEngine 0.5.4 (CPU only) against the installed torch.
 #
 # MinkowskiEngine is the optional backend of the sparse encoder (DESIGN.md section 4;
-# README "Optional: MinkowskiEngine backend"). Its last release does not build with
-# current Python / PyTorch as published, so this script fetches the sdist, verifies its
-# hash, patches it, builds a wheel once and caches it. A warm cache makes a re-run a
-# plain `pip install --no-deps` of the cached wheel; torch is never touched by pip.
+# README, "MinkowskiEngine backend"). Its last release cannot be installed by pip (its
+# setup.py imports torch while pip prepares metadata) and does not import on Python >= 3.10
+# as published, so this script fetches the sdist, verifies its hash, patches it, builds a
+# wheel once (about 6 minutes on 2 cores) and caches it. With the wheel cached, a re-run is a
+# plain `pip install --no-deps` of it; torch is never touched by pip.
 #
 # Usage:   bash scripts/install_minkowski.sh
 # Env:     FCMAE_WHEEL_CACHE  wheel cache dir (default $HOME/.cache/fcmae-wheels)
@@ -21,9 +22,13 @@ PYPI_INDEX="https://pypi.org/simple/minkowskiengine/"
 PYTHON="${PYTHON:-python3}"
 CACHE_ROOT="${FCMAE_WHEEL_CACHE:-$HOME/.cache/fcmae-wheels}"
 
+export PIP_ROOT_USER_ACTION=ignore  # the one pip install below is deliberate and --no-deps
+
 log() { echo "[install_minkowski] $*" >&2; }
 die() { echo "[install_minkowski] ERROR: $*" >&2; exit 1; }
 trap 'die "failed at line $LINENO: $BASH_COMMAND"' ERR
+
+command -v curl >/dev/null || die "curl is needed to download the MinkowskiEngine sources; install it (apt-get install -y curl)."
 
 # --- 1. torch must already be there: the wheel is built against it, pip never installs it.
 TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null)" ||
@@ -44,7 +49,8 @@ else
     log "libopenblas-dev already installed"
 fi
 
-find_cached_wheel() { ls "$CACHE_DIR"/MinkowskiEngine-"$ME_VERSION"-*.whl 2>/dev/null | head -n 1; }
+# the directory name is the cache key; the wheel name's case depends on the setuptools version
+find_cached_wheel() { ls "$CACHE_DIR"/*.whl 2>/dev/null | head -n 1; }
 
 # --- 3. Build the wheel unless it is cached.
 WHEEL="$(find_cached_wheel || true)"
@@ -65,7 +71,7 @@ else
     tar xzf "$ME_SDIST"
     SRC_DIR="$WORK_DIR/MinkowskiEngine-$ME_VERSION"
 
-    log "patching the sources for Python >= 3.10, PyTorch 2.x and gcc 12"
+    log "patching the sources for Python >= 3.10"
     # collections.Sequence was removed in Python 3.10.
     sed -i -E 's/^from collections import Sequence$/from collections.abc import Sequence/;
                s/^from collections import Sequence, namedtuple$/from collections import namedtuple\nfrom collections.abc import Sequence/' \
@@ -75,21 +81,24 @@ else
     # setup.py runs `rm -rf build` and `pip uninstall MinkowskiEngine` at import time.
     sed -i -E '/^run_command\("(rm|pip)"/d' "$SRC_DIR/setup.py"
 
-    log "preparing a build environment with setuptools<81 (system site-packages for torch)"
-    "$PYTHON" -m venv --system-site-packages "$WORK_DIR/build-env"
-    BUILD_PY="$WORK_DIR/build-env/bin/python"
-    "$BUILD_PY" -m pip install -q --disable-pip-version-check "setuptools<81" wheel >&2 ||
-        die "could not install setuptools<81 into the build environment."
+    # The build tools go on PYTHONPATH, not into the environment: the build sees the installed
+    # torch (no build isolation) and nothing the user has installed changes.
+    log "fetching the build tools (setuptools<81, wheel) into the build directory"
+    "$PYTHON" -m pip install -q --disable-pip-version-check --target "$WORK_DIR/build-tools" "setuptools<81" wheel >&2 ||
+        die "could not fetch setuptools<81 and wheel with pip."
 
     log "compiling (CPU only, OpenBLAS, MAX_JOBS=${MAX_JOBS:-$(nproc)}); this takes several minutes"
     BUILD_START=$SECONDS
-    (cd "$SRC_DIR" && MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$BUILD_PY" setup.py bdist_wheel \
-        --cpu_only --blas=openblas -d "$WORK_DIR/dist") >"$WORK_DIR/build.log" 2>&1 ||
+    (cd "$SRC_DIR" && PYTHONPATH="$WORK_DIR/build-tools" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+        "$PYTHON" setup.py bdist_wheel --cpu_only --blas=openblas -d "$WORK_DIR/dist") >"$WORK_DIR/build.log" 2>&1 ||
         { tail -n 60 "$WORK_DIR/build.log" >&2; die "build failed (last 60 lines of the log above)."; }
     log "compiled in $((SECONDS - BUILD_START)) s"
 
+    # copy under a temporary name, then rename: an interrupted run never leaves a partial wheel
+    BUILT="$(ls "$WORK_DIR"/dist/*.whl)" || die "the build reported success but left no wheel in $WORK_DIR/dist."
     mkdir -p "$CACHE_DIR"
-    cp "$WORK_DIR"/dist/MinkowskiEngine-"$ME_VERSION"-*.whl "$CACHE_DIR"/
+    cp "$BUILT" "$CACHE_DIR/.partial"
+    mv "$CACHE_DIR/.partial" "$CACHE_DIR/$(basename "$BUILT")"
     WHEEL="$(find_cached_wheel)"
     log "cached $WHEEL"
 fi
