@@ -1,0 +1,406 @@
+"""Supervised fine-tuning of ConvNeXt V2 from FCMAE (or any) weights, on one process or many.
+
+    python finetune.py                     # no arguments: a short CPU demo on embedded photos
+    python finetune.py --config configs/finetune_atto.yaml --finetune output/pretrain/encoder.safetensors \\
+        --data_path /data/imagenet --update_freq 32
+    torchrun --nproc_per_node=8 finetune.py --config configs/finetune_base.yaml --update_freq 4 \\
+        --finetune convnextv2_base_1k_224_fcmae.pt --data_path /data/imagenet --dist_eval
+    python finetune.py --eval --model convnextv2_atto --resume output/finetune/checkpoint-best-ema.pth \\
+        --data_path /data/imagenet
+
+Recipes (configs/finetune_<size>.yaml): AdamW, lr = blr * effective batch / 256 with per-update
+warmup + cosine, layer-wise lr decay, drop path, RandAugment, random erasing, Mixup/CutMix,
+label smoothing, EMA of the weights evaluated each epoch, AMP. ``--finetune`` takes any layout
+``models.load_pretrained`` reads; the classifier is always new (``--nb_classes``, default: the
+number of class folders). Rerunning a command resumes from the newest valid checkpoint in
+``--output_dir`` (``--auto_resume``, on by default).
+
+Writes to --output_dir (rank 0): config.yaml, train.log, metrics.jsonl (one JSON object per
+epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), checkpoint-best.pth and
+checkpoint-best-ema.pth (weights of the best top-1 epoch, loadable with --finetune / --resume /
+models.load_pretrained) and TensorBoard events (--log_dir, default <output_dir>/tensorboard).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from engine.checkpoint import (CheckpointError, atomic_write, latest_valid_checkpoint, load_checkpoint,
+                               save_checkpoint)
+from engine.config import (Check, ConfigError, TRAINING_CHECKS, add_training_arguments, config_dict, parse_args,
+                           save_config, validate)
+from engine.data import build_loader
+from engine.distributed import DistributedInfo, broadcast_object, destroy_distributed, init_distributed, wrap_ddp
+from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
+from engine.loop import NonFiniteLossError, Step, train_one_epoch, updates_per_epoch
+from engine.optim import build_adamw, effective_batch_size, scaled_lr
+from engine.schedule import build_lr_scheduler
+from engine.seeding import capture_rng_state, configure_determinism, derive_seed, restore_rng_state, seed_everything
+from finetune.data import build_datasets, check_same_classes
+from finetune.ema import EmaGradientStepper, build_model_ema
+from finetune.evaluate import evaluate
+from finetune.layer_decay import DECAY_TYPES, param_groups_layer_decay
+from finetune.mixup import MIXUP_MODES, build_mixup, build_train_criterion
+from finetune.model import build_finetune_model
+from finetune.transforms import build_eval_transform, build_train_transform
+from models import MODEL_CONFIGS, convert_to_timm, load_pretrained
+from models.checkpoint import read_checkpoint
+
+_logger = logging.getLogger("finetune")
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DEMO_CONFIG = CONFIGS / "finetune_demo.yaml"
+DEMO_PRETRAINED = Path("output/pretrain_demo/encoder.safetensors")  # what `python pretrain.py` writes
+RECIPE_BLR = 6.25e-4  # ConvNeXt V2-Base fine-tuning recipe (the parser's defaults are that recipe)
+ADAMW_BETAS = (0.9, 0.999)
+BEST_CHECKPOINTS = {"model": "checkpoint-best.pth", "ema": "checkpoint-best-ema.pth"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune ConvNeXt V2 on an image folder (run with no arguments for a short CPU demo).",
+        epilog=f"Defaults are the convnextv2_base recipe (with neither --lr nor --blr, blr is {RECIPE_BLR}); "
+               "per-size recipes: --config configs/finetune_<size>.yaml.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_training_arguments(parser)
+    model = parser.add_argument_group("fine-tuning")
+    model.add_argument("--finetune", type=str, default=None,
+                       help="initial weights: any checkpoint models.load_pretrained reads (ours, encoder.safetensors, "
+                            "official FCMAE / fine-tuned / MinkowskiEngine); omitted: random initialisation")
+    model.add_argument("--nb_classes", type=int, default=None, help="classifier outputs (default: class folders)")
+    model.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
+    model.add_argument("--layer_decay", type=float, default=0.6, help="layer-wise lr decay factor (1 = none)")
+    model.add_argument("--layer_decay_type", choices=DECAY_TYPES, default="group",
+                       help="single: one layer per block; group: stage 3 blocks in threes (depths 3,3,27,3)")
+    model.add_argument("--model_ema", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep an exponential moving average of the weights")
+    model.add_argument("--model_ema_decay", type=float, default=0.9999)
+    model.add_argument("--model_ema_eval", action=argparse.BooleanOptionalAction, default=True,
+                       help="evaluate the EMA weights every epoch and keep checkpoint-best-ema.pth")
+    aug = parser.add_argument_group("augmentation and regularisation")
+    aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    aug.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
+    aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
+    aug.add_argument("--cutmix_minmax", type=float, nargs=2, default=None,
+                     help="CutMix box ratio min and max (overrides --cutmix alpha)")
+    aug.add_argument("--mixup_prob", type=float, default=1.0, help="probability of Mixup or CutMix per batch")
+    aug.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of CutMix instead of Mixup")
+    aug.add_argument("--mixup_mode", choices=MIXUP_MODES, default="batch", help="mix per batch, pair or element")
+    aug.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('' for none)")
+    aug.add_argument("--color_jitter", type=float, default=0.4, help="colour jitter (timm ignores it with --aa)")
+    aug.add_argument("--train_interpolation", choices=("bicubic", "bilinear", "random"), default="bicubic")
+    aug.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    aug.add_argument("--remode", choices=("pixel", "rand", "const"), default="pixel", help="random erasing fill")
+    aug.add_argument("--recount", type=int, default=1, help="random erasing boxes")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_data_path", type=str, default=None,
+                            help="validation folder (default: <data_path>/val)")
+    evaluation.add_argument("--crop_pct", type=float, default=None,
+                            help="eval: resize to input_size / crop_pct, center-crop (default 0.875; "
+                                 "from 384 px a plain resize)")
+    evaluation.add_argument("--eval", action="store_true",
+                            help="only evaluate: --resume, else --finetune, else the newest checkpoint in --output_dir")
+    evaluation.add_argument("--dist_eval", action=argparse.BooleanOptionalAction, default=False,
+                            help="split evaluation across processes (exact counts); else each evaluates all")
+    parser.set_defaults(batch_size=32, epochs=100, warmup_epochs=20, weight_decay=0.05, save_ckpt_freq=1,
+                        output_dir="./output/finetune")
+    return parser
+
+
+def _mixup_on(a: argparse.Namespace) -> bool:
+    return a.mixup > 0 or a.cutmix > 0 or a.cutmix_minmax is not None
+
+
+def _is_file_or_none(path: Optional[str]) -> bool:
+    return path is None or Path(path).is_file()
+
+
+FINETUNE_CHECKS = (
+    Check("--finetune", lambda a: _is_file_or_none(a.finetune), "no such checkpoint file"),
+    Check("--eval_data_path", lambda a: a.eval_data_path is None or Path(a.eval_data_path).is_dir(),
+          "no such folder; give the validation folder (<path>/<class>/<image> or <path>/val/<class>/<image>)"),
+    Check("--nb_classes", lambda a: a.nb_classes is None or a.nb_classes >= 1,
+          "must be >= 1, or leave it out to use the number of class folders"),
+    Check("--drop_path", lambda a: 0 <= a.drop_path < 1, "must be in [0, 1), e.g. 0.1"),
+    Check("--layer_decay", lambda a: 0 < a.layer_decay <= 1, "must be in (0, 1]; 1 turns layer-wise decay off"),
+    Check("--model_ema_decay", lambda a: 0 < a.model_ema_decay < 1, "must be in (0, 1), e.g. 0.9999"),
+    Check("--model_ema_eval", lambda a: a.model_ema or not a.model_ema_eval,
+          "needs --model_ema; add it, or pass --no-model_ema_eval"),
+    Check("--smoothing", lambda a: 0 <= a.smoothing < 1, "must be in [0, 1), e.g. 0.1"),
+    Check("--mixup", lambda a: a.mixup >= 0, "must be >= 0 (0 turns Mixup off)"),
+    Check("--cutmix", lambda a: a.cutmix >= 0, "must be >= 0 (0 turns CutMix off)"),
+    Check("--mixup_prob", lambda a: 0 <= a.mixup_prob <= 1, "must be in [0, 1]"),
+    Check("--mixup_switch_prob", lambda a: 0 <= a.mixup_switch_prob <= 1, "must be in [0, 1]"),
+    Check("--batch_size", lambda a: not _mixup_on(a) or a.batch_size % 2 == 0,
+          "must be even with Mixup/CutMix (images are mixed in pairs); or set --mixup 0 --cutmix 0"),
+    Check("--reprob", lambda a: 0 <= a.reprob <= 1, "must be in [0, 1]"),
+    Check("--recount", lambda a: a.recount >= 1, "must be >= 1"),
+    Check("--crop_pct", lambda a: a.crop_pct is None or 0 < a.crop_pct <= 1, "must be in (0, 1], e.g. 0.875"),
+)
+
+
+def as_config_error(source, function, *args, **kwargs):
+    """``function(*args, **kwargs)``, its ValueError (e.g. a checkpoint of another model size,
+    which names the size it looks like) re-raised as ConfigError naming ``source``."""
+    try:
+        return function(*args, **kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from error
+
+
+def resolve_num_classes(args: argparse.Namespace, classes: list[str]) -> int:
+    """--nb_classes, else the number of class folders; ConfigError if --nb_classes is too small."""
+    if args.nb_classes is None:
+        return len(classes)
+    if args.nb_classes < len(classes):
+        raise ConfigError(f"--nb_classes {args.nb_classes}: the data has {len(classes)} classes; "
+                          f"use at least {len(classes)} or leave --nb_classes out")
+    return args.nb_classes
+
+
+def make_loss_fn(mixup_fn, criterion, device: torch.device):
+    """Classification loss on a micro-batch (Mixup/CutMix applied first when on)."""
+
+    def classification_loss(model, batch, step: Step):
+        images = batch[0].to(device, non_blocking=True)
+        targets = batch[1].to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        return criterion(model(images), targets), {}
+
+    return classification_loss
+
+
+def check_checkpoint_fits(path, state: dict, model_name: str, num_classes: int, classes: list[str]) -> None:
+    """ConfigError if a training checkpoint was made for another model, class list or head size."""
+    saved_model = state.get("config", {}).get("model")
+    if saved_model is not None and saved_model != model_name:
+        raise ConfigError(f"--model {model_name}: checkpoint {path} holds a {saved_model}; "
+                          f"use --model {saved_model} or another --output_dir")
+    if "classes" in state:
+        check_same_classes(state["classes"], classes, "the checkpoint", "the data", f" (checkpoint {path})")
+    head = state["model"].get("head.fc.weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise ConfigError(f"checkpoint {path} has a {head.shape[0]}-class head but the model needs {num_classes} "
+                          f"classes; pass --nb_classes {head.shape[0]} if that is right, or use another --output_dir")
+
+
+def resume(args, model, optimizer, stepper, ema, classes, num_classes, info: DistributedInfo) -> tuple[int, dict]:
+    """Load --resume, or the newest valid checkpoint with --auto_resume.
+
+    Returns (epochs completed, best results so far: {"model": {...}, "ema": {...}})."""
+    path = args.resume
+    if path is None and args.auto_resume:
+        found = latest_valid_checkpoint(args.output_dir) if info.is_main else None
+        path = broadcast_object(str(found[0]) if found else None)  # every rank reads the same file
+    if path is None:
+        return 0, {}
+    state = load_checkpoint(path, ("model", "epoch", "optimizer"))
+    check_checkpoint_fits(path, state, args.model, num_classes, classes)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    stepper.load_state_dict(state.get("stepper", {}))
+    if ema is not None:
+        if "model_ema" in state:
+            ema.module.load_state_dict(state["model_ema"])
+        else:
+            ema.set(model)
+    if "rng" in state:
+        restore_rng_state(state["rng"])
+    _logger.info("resumed from %s (%d epochs completed)", path, state["epoch"])
+    return int(state["epoch"]), state.get("best", {})
+
+
+def evaluate_and_keep_best(evaluated: dict, val_loader, epochs_done: int, best: dict, args, classes: list[str],
+                           info: DistributedInfo, tensorboard: TensorBoardWriter) -> dict:
+    """Evaluate each of ``evaluated`` ({"model": ..., "ema": ...}); a new best top-1 replaces
+    ``best[kind]`` and its weights are written (atomically) to checkpoint-best[-ema].pth.
+    Returns the metrics as ``{"<kind>_acc1": ..., ...}``."""
+    record = {}
+    for kind, model in evaluated.items():
+        results = {"epoch": epochs_done, **evaluate(model, val_loader, info.device, args.amp)}
+        record.update({f"{kind}_{name}": value for name, value in results.items() if name != "epoch"})
+        tensorboard.scalars({name: results[name] for name in ("acc1", "acc5", "loss")}, epochs_done, f"val_{kind}/")
+        if results["acc1"] <= best.get(kind, {}).get("acc1", -1.0):
+            continue
+        best[kind] = results
+        if info.is_main:
+            name = BEST_CHECKPOINTS[kind]
+            state = {"model": model.state_dict(), "epoch": epochs_done, "acc1": results["acc1"],
+                     "acc5": results["acc5"], "classes": classes, "config": config_dict(args)}
+            atomic_write(Path(args.output_dir) / name, lambda file: torch.save(state, file))
+            _logger.info("new best %s top-1 %.2f%% at epoch %d -> %s", kind, results["acc1"], epochs_done, name)
+    return record
+
+
+def build_val_loader(val_set, args, info: DistributedInfo):
+    """In order, nothing dropped; split across ranks with --dist_eval, else whole on every rank."""
+    rank, world_size = (info.rank, info.world_size) if args.dist_eval else (0, 1)
+    return build_loader(val_set, args.batch_size, args.num_workers, args.seed, rank, world_size, info.device,
+                        train=False)
+
+
+def finetune(args: argparse.Namespace, info: DistributedInfo) -> dict:
+    """Train until --epochs, evaluating every epoch; returns the best results."""
+    output_dir = Path(args.output_dir)
+    configure_determinism(info.device)
+    train_transform = build_train_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode,
+                                            args.recount, args.train_interpolation)
+    train_set, val_set, classes = build_datasets(args, train_transform, build_eval_transform(args.input_size,
+                                                                                             args.crop_pct))
+    num_classes = resolve_num_classes(args, classes)
+    train_loader = build_loader(train_set, args.batch_size, args.num_workers, args.seed, info.rank, info.world_size,
+                                info.device)
+    val_loader = build_val_loader(val_set, args, info)
+    updates = updates_per_epoch(len(train_loader), args.update_freq)
+    if updates < 1:
+        raise ConfigError(f"--batch_size {args.batch_size} / --update_freq {args.update_freq}: each process gets "
+                          f"{len(train_set) // info.world_size} images, fewer than one optimizer update; lower them")
+    effective_batch = effective_batch_size(args.batch_size, args.update_freq, info.world_size)
+    lr = args.lr if args.lr is not None else scaled_lr(args.blr if args.blr is not None else RECIPE_BLR,
+                                                       effective_batch)
+
+    seed_everything(args.seed)  # identical initial head on every rank (DDP also broadcasts rank 0's)
+    model = as_config_error("--finetune", build_finetune_model, args.model, num_classes, args.finetune,
+                            args.drop_path).to(info.device)
+    depths = MODEL_CONFIGS[args.model][0]
+    optimizer = build_adamw(model, lr, args.weight_decay, ADAMW_BETAS, param_group_fn=lambda m: param_groups_layer_decay(
+        m, depths, args.weight_decay, args.layer_decay, args.layer_decay_type))
+    train_model = wrap_ddp(model, info.device)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    ema = build_model_ema(model, args.model_ema_decay) if args.model_ema else None
+    stepper = EmaGradientStepper(train_model, optimizer, ema, model, amp=args.amp, update_freq=args.update_freq,
+                                 clip_grad=args.clip_grad)
+    start_epoch, best = resume(args, model, optimizer, stepper, ema, classes, num_classes, info)
+    scheduler = build_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, updates, args.min_lr)
+    mixup_fn = build_mixup(num_classes, args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob,
+                           args.mixup_switch_prob, args.mixup_mode, args.smoothing)
+    loss_fn = make_loss_fn(mixup_fn, build_train_criterion(mixup_fn, args.smoothing), info.device)
+
+    derived = {"world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
+               "lr": lr, "updates_per_epoch": updates, "num_classes": num_classes}
+    _logger.info("%s on %s x %d: %d classes, %d training images, effective batch %d (%d x %d accumulation x %d), "
+                 "lr %.3g, layer decay %s %.2f, EMA %s, %d epochs from epoch %d", args.model, info.device,
+                 info.world_size, num_classes, len(train_set), effective_batch, args.batch_size, args.update_freq,
+                 info.world_size, lr, args.layer_decay_type, args.layer_decay,
+                 args.model_ema_decay if ema is not None else "off", args.epochs, start_epoch)
+    tensorboard = TensorBoardWriter((args.log_dir or output_dir / "tensorboard") if info.is_main else None)
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl" if info.is_main else None)
+    if info.is_main:
+        save_config(args, output_dir / "config.yaml", derived)
+
+    evaluated = {"model": model, **({"ema": ema.module} if ema is not None and args.model_ema_eval else {})}
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(derive_seed(args.seed, epoch, info.rank))  # augmentations depend on the epoch only
+        stats = train_one_epoch(train_model, train_loader, loss_fn, stepper, scheduler, epoch, args.epochs,
+                                args.print_freq, tensorboard)
+        epochs_done = epoch + 1
+        record = {"epoch": epochs_done, **{f"train_{name}": value for name, value in stats.items()}}
+        record.update(evaluate_and_keep_best(evaluated, val_loader, epochs_done, best, args, classes, info,
+                                             tensorboard))
+        _logger.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%% top-5 %.2f%%%s (best %.2f%%)", epochs_done,
+                     args.epochs, stats["loss"], record["model_acc1"], record["model_acc5"],
+                     f", EMA top-1 {record['ema_acc1']:.2f}%" if "ema_acc1" in record else "",
+                     max(result["acc1"] for result in best.values()))
+        metrics_log.append(record)
+        if info.is_main and (epochs_done % args.save_ckpt_freq == 0 or epochs_done == args.epochs):
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "stepper": stepper.state_dict(), "epoch": epochs_done, "config": config_dict(args),
+                     "rng": capture_rng_state(), "classes": classes, "best": best}
+            if ema is not None:
+                state["model_ema"] = ema.module.state_dict()
+            save_checkpoint(state, output_dir, epochs_done, args.save_ckpt_num)
+    if start_epoch >= args.epochs:
+        _logger.info("all %d epochs were already done; nothing to train", args.epochs)
+    for kind, results in best.items():
+        _logger.info("best %s top-1 %.2f%% (top-5 %.2f%%) at epoch %d", kind, results["acc1"], results["acc5"],
+                     results["epoch"])
+    tensorboard.close()
+    return best
+
+
+def evaluate_checkpoint(args: argparse.Namespace, info: DistributedInfo) -> dict:
+    """--eval: top-1/top-5 of a fine-tuned checkpoint (and of its EMA weights when it has them)."""
+    path = args.resume or args.finetune
+    if path is None:
+        found = latest_valid_checkpoint(args.output_dir) if args.auto_resume else None
+        if found is None:
+            raise ConfigError("--eval needs weights: pass --resume (a checkpoint of finetune.py) or --finetune "
+                              f"(any fine-tuned checkpoint); there is none in --output_dir {args.output_dir}")
+        path = found[0]
+    _, val_set, classes = build_datasets(args, None, build_eval_transform(args.input_size, args.crop_pct))
+    raw = as_config_error(path, read_checkpoint, path)
+    if isinstance(raw, dict) and "classes" in raw:
+        check_same_classes(raw["classes"], classes, "the checkpoint", "the data", f" (checkpoint {path})")
+    head = as_config_error(path, convert_to_timm, raw, args.model).get("head.fc.weight")
+    if head is None:
+        raise ConfigError(f"checkpoint {path} has no classifier (an encoder only?); --eval needs fine-tuned weights. "
+                          f"Fine-tune it first: --finetune {path} without --eval")
+    num_classes = resolve_num_classes(args, classes)
+    if head.shape[0] != num_classes:
+        raise ConfigError(f"checkpoint {path} has a {head.shape[0]}-class head but the data has {len(classes)} "
+                          f"classes{f' and --nb_classes is {args.nb_classes}' if args.nb_classes else ''}; "
+                          f"pass --nb_classes {head.shape[0]} if the class folders are the first {len(classes)} "
+                          "of the checkpoint's classes in sorted order, or evaluate on matching data")
+    candidates = {"model": as_config_error(path, load_pretrained, args.model, path, num_classes=num_classes)}
+    if isinstance(raw, dict) and "model_ema" in raw:
+        candidates["ema"] = copy.deepcopy(candidates["model"])
+        candidates["ema"].load_state_dict(raw["model_ema"])
+    val_loader = build_val_loader(val_set, args, info)
+    results = {}
+    for kind, model in candidates.items():
+        results[kind] = evaluate(model.to(info.device), val_loader, info.device, args.amp)
+        _logger.info("%s weights of %s on %d images: top-1 %.2f%%, top-5 %.2f%%, loss %.4f", kind, path,
+                     results[kind]["count"], results[kind]["acc1"], results[kind]["acc5"], results[kind]["loss"])
+    return results
+
+
+def demo_arguments() -> list[str]:
+    """`python finetune.py` with no arguments: the demo config, from the pretraining demo's encoder if present."""
+    argv = ["--config", str(DEMO_CONFIG)]
+    if DEMO_PRETRAINED.is_file():
+        argv += ["--finetune", str(DEMO_PRETRAINED)]
+    return argv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    demo = not argv
+    if demo:
+        argv = demo_arguments()
+    parser = build_parser()
+    args = parse_args(parser, argv, exclusive=[("lr", "blr")])
+    try:
+        validate(args, TRAINING_CHECKS + FINETUNE_CHECKS)
+    except ConfigError as error:
+        parser.error(str(error))
+    info = init_distributed(args.device)
+    setup_logging(info.rank, None if args.eval else Path(args.output_dir) / "train.log")
+    if demo:
+        start = (f"from the FCMAE demo encoder {DEMO_PRETRAINED}" if args.finetune else
+                 f"from random initialisation (run `python pretrain.py` first to start from its {DEMO_PRETRAINED})")
+        _logger.info("No arguments: demonstration run with %s %s, writing to %s", DEMO_CONFIG.name, start,
+                     args.output_dir)
+    try:
+        return evaluate_checkpoint(args, info) if args.eval else finetune(args, info)
+    except ConfigError as error:
+        parser.error(str(error))
+    except (NonFiniteLossError, CheckpointError) as error:
+        _logger.error("%s", error)
+        sys.exit(1)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

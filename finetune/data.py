@@ -1,0 +1,88 @@
+"""Labelled data for fine-tuning: train/val image folders, or the embedded photos.
+
+Folders: training images under ``<data_path>/train`` (or ``<data_path>`` itself when it holds
+the class folders), validation images under ``<eval_data_path>/val`` or ``<eval_data_path>``,
+else ``<data_path>/val``. Both splits must have the same class folders: a label is the index
+of its folder name in sorted order, so a class missing from one split would silently shift
+every later label.
+
+Without ``--data_path``: engine's ``EmbeddedPhotos`` (8 scikit-image photographs, label = which
+photo), training and validation crops drawn with different seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from torch.utils.data import Dataset
+
+from engine.config import ConfigError
+from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, resolve_image_root
+
+_logger = logging.getLogger(__name__)
+
+MAX_LISTED_CLASSES = 20
+
+
+def validation_root(data_path: Optional[str], eval_data_path: Optional[str]) -> Path:
+    """Folder of the validation class folders; ConfigError naming the flags if there is none."""
+    if eval_data_path is not None:
+        return resolve_image_root(eval_data_path, "val")
+    if data_path is not None and (Path(data_path) / "val").is_dir():
+        return Path(data_path) / "val"
+    raise ConfigError(f"--data_path {data_path}: no val/ folder for evaluation; add <data_path>/val/<class>/... "
+                      "or pass --eval_data_path /path/to/val")
+
+
+def check_same_classes(classes_a: Sequence[str], classes_b: Sequence[str], name_a: str = "train",
+                       name_b: str = "val", where: str = "") -> None:
+    """ConfigError listing the class folders found on only one side (``where`` adds context)."""
+    if list(classes_a) == list(classes_b):
+        return
+    only_a = sorted(set(classes_a) - set(classes_b))
+    only_b = sorted(set(classes_b) - set(classes_a))
+    raise ConfigError(
+        f"the classes of {name_a} and {name_b} differ{where}: only in {name_a}: {_listing(only_a)}; only in "
+        f"{name_b}: {_listing(only_b)}. Labels are indices into the sorted class folder names, so both need the "
+        "same class folders (an empty folder is enough for a class without images)."
+    )
+
+
+def build_datasets(args: argparse.Namespace, train_transform: Optional[Callable],
+                   eval_transform: Callable) -> tuple[Optional[Dataset], Dataset, list[str]]:
+    """(train dataset or None when ``train_transform`` is None, val dataset, class names)."""
+    if args.data_path is None and args.eval_data_path is None:
+        _logger.info("No --data_path given: demo run on the %d embedded scikit-image photos (%s); label = which "
+                     "photo, %d training and %d validation crops of %d px. For real fine-tuning pass "
+                     "--data_path /path/to/imagenet.", len(EMBEDDED_PHOTO_NAMES), ", ".join(EMBEDDED_PHOTO_NAMES),
+                     args.embedded_samples, embedded_val_samples(args), args.input_size)
+        train = EmbeddedPhotos("train", args.input_size, args.embedded_samples, train_transform) \
+            if train_transform is not None else None
+        val = EmbeddedPhotos("val", args.input_size, embedded_val_samples(args), eval_transform)
+        return train, val, list(val.classes)
+
+    val_root = validation_root(args.data_path, args.eval_data_path)
+    val = build_image_folder(val_root, "val", eval_transform)
+    if train_transform is None:
+        _logger.info("validation: %d images in %d classes under %s", len(val), len(val.classes), val.root)
+        return None, val, list(val.classes)
+    if args.data_path is None:
+        raise ConfigError("--data_path is required for training (--eval_data_path alone is enough only with --eval)")
+    train = build_image_folder(args.data_path, "train", train_transform)
+    check_same_classes(train.classes, val.classes, "train", "val", f" ({len(train.classes)} class folders in "
+                       f"{train.root}, {len(val.classes)} in {val.root})")
+    _logger.info("data: %d training images under %s, %d validation images under %s, %d classes",
+                 len(train), train.root, len(val), val.root, len(train.classes))
+    return train, val, list(train.classes)
+
+
+def embedded_val_samples(args: argparse.Namespace) -> int:
+    """Validation crops of the embedded photos: half as many as training crops, at least 8 per photo."""
+    return max(args.embedded_samples // 2, 8 * len(EMBEDDED_PHOTO_NAMES))
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED_CLASSES]) or "none"
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > MAX_LISTED_CLASSES else ''}]"

@@ -1,0 +1,223 @@
+"""Frozen ConvNeXt V2 features: pooled embeddings and the four stage maps (DESIGN.md section 7).
+
+Python API::
+
+    extractor = FeatureExtractor("convnextv2_atto", "output/pretrain_demo/encoder.safetensors")
+    pooled = extractor.pooled(images)            # (N, dims[-1]): the head's pre-logits
+    stages = extractor.stages(images)            # [(N, dims[i], H / 2**(i+2), W / 2**(i+2)) for i in 0..3]
+
+``pooled`` is ``forward_head(forward_features(x), pre_logits=True)``: global average pool then
+the head LayerNorm (identity affine for an encoder-only checkpoint, which has no head norm);
+``stages`` are the outputs of the four stages, what detection/segmentation necks consume.
+
+CLI: features (and labels, class names, file paths) of every image of a folder, to a file::
+
+    python -m finetune.features --model convnextv2_atto --checkpoint encoder.safetensors \\
+        --data_path /data/imagenette2-224/val --output val_features.safetensors [--stages]
+
+The file (``.safetensors`` or ``.npz``) holds ``pooled`` (N, C) float32, ``labels`` (N,) int64
+and, with ``--stages``, ``stage0``..``stage3``; class names and paths are in the safetensors
+metadata (JSON) or as string arrays in the npz. ``load_features`` reads either back.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import models
+from engine.checkpoint import atomic_write, save_safetensors
+from engine.data import ImageFolderSkippingUnreadable
+from engine.distributed import choose_device
+from engine.logging import format_duration, setup_logging
+from engine.loop import amp_autocast
+
+from .transforms import build_eval_transform
+
+_logger = logging.getLogger(__name__)
+
+NUM_STAGES = 4
+OUTPUT_SUFFIXES = (".safetensors", ".npz")
+
+
+def extract_pooled(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, C): pooled, head-normalised embedding (the classifier's input)."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def extract_stages(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """(N, 3, H, W) -> the four stage outputs, (N, dims[i], H / 2**(i+2), W / 2**(i+2))."""
+    return model.forward_intermediates(images, intermediates_only=True)
+
+
+def extract_pooled_and_stages(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Both in one forward pass: the pooled embedding and the four stage outputs."""
+    final, stages = model.forward_intermediates(images)
+    return model.forward_head(final, pre_logits=True), stages
+
+
+class FeatureExtractor:
+    """A frozen dense ConvNeXt V2 in eval mode, from any checkpoint ``models.load_pretrained``
+    reads (ours, our encoder export, official FCMAE / fine-tuned / MinkowskiEngine files), or
+    randomly initialised when ``checkpoint`` is None."""
+
+    def __init__(self, model_name: str, checkpoint: str | os.PathLike | None = None,
+                 device: torch.device | str = "cpu", amp: str = "none"):
+        if checkpoint is None:
+            model = models.create_dense_model(model_name)
+        else:
+            model = models.load_pretrained(model_name, checkpoint)
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.device, self.amp = torch.device(device), amp
+
+    @torch.no_grad()
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        with amp_autocast(self.device.type, self.amp):
+            return extract_pooled(self.model, images.to(self.device)).float()
+
+    @torch.no_grad()
+    def stages(self, images: torch.Tensor) -> list[torch.Tensor]:
+        with amp_autocast(self.device.type, self.amp):
+            return [stage.float() for stage in extract_stages(self.model, images.to(self.device))]
+
+    @torch.no_grad()
+    def pooled_and_stages(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with amp_autocast(self.device.type, self.amp):
+            pooled, stages = extract_pooled_and_stages(self.model, images.to(self.device))
+        return pooled.float(), [stage.float() for stage in stages]
+
+
+@torch.no_grad()
+def extract_dataset(extractor: FeatureExtractor, loader: DataLoader, with_stages: bool = False,
+                    log_every: int = 10) -> dict[str, torch.Tensor]:
+    """Features of every batch of ``loader`` (in order), on CPU: ``pooled`` (N, C), ``labels``
+    (N,) and with ``with_stages`` ``stage0``..``stage3``. Logs progress every ``log_every`` batches."""
+    pooled, labels = [], []
+    stages: list[list[torch.Tensor]] = [[] for _ in range(NUM_STAGES)]
+    total = len(loader.dataset)
+    done, start = 0, time.perf_counter()
+    for batch_index, (images, targets) in enumerate(loader):
+        if with_stages:
+            batch_pooled, batch_stages = extractor.pooled_and_stages(images)
+            for kept, stage in zip(stages, batch_stages):
+                kept.append(stage.cpu())
+        else:
+            batch_pooled = extractor.pooled(images)
+        pooled.append(batch_pooled.cpu())
+        labels.append(torch.as_tensor(targets, dtype=torch.int64))
+        done += len(images)
+        if (batch_index + 1) % log_every == 0 or done == total:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            _logger.info("features: %d/%d images  %.1f img/s  eta %s", done, total, rate,
+                         format_duration((total - done) / rate))
+    features = {"pooled": torch.cat(pooled), "labels": torch.cat(labels)}
+    if with_stages:
+        features.update({f"stage{i}": torch.cat(kept) for i, kept in enumerate(stages)})
+    return features
+
+
+def save_features(path: str | os.PathLike, features: dict[str, torch.Tensor], class_names: Sequence[str],
+                  paths: Sequence[str], metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write ``features`` with class names and file paths to ``.safetensors`` or ``.npz`` (atomic)."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--output {path}: the file name must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    if path.suffix == ".safetensors":
+        text = {"class_names": json.dumps(list(class_names)), "paths": json.dumps(list(paths)), **(metadata or {})}
+        return save_safetensors(features, path, text)
+    arrays = {name: tensor.numpy() for name, tensor in features.items()}
+    arrays.update(class_names=np.array(list(class_names), dtype=str), paths=np.array(list(paths), dtype=str))
+    arrays.update({key: np.array(value, dtype=str) for key, value in (metadata or {}).items()})
+    return atomic_write(path, lambda file: np.savez(file, **arrays))
+
+
+def load_features(path: str | os.PathLike) -> dict:
+    """Inverse of ``save_features``: tensors by name plus ``class_names`` and ``paths`` lists
+    (and any other metadata strings)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        loaded: dict = load_file(path)
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+        for key, value in metadata.items():
+            loaded[key] = json.loads(value) if key in ("class_names", "paths") else value
+        return loaded
+    with np.load(path, allow_pickle=False) as arrays:
+        loaded = {}
+        for key in arrays.files:
+            array = arrays[key]
+            if array.dtype.kind == "U":
+                loaded[key] = array.tolist()
+            else:
+                loaded[key] = torch.from_numpy(array)
+        return loaded
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.features",
+        description="Write pooled features (and optionally the four stage maps) of every image in a folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="convnextv2_<atto|...|huge>")
+    parser.add_argument("--checkpoint", default=None,
+                        help="any checkpoint models.load_pretrained reads; omitted: random initialisation")
+    parser.add_argument("--data_path", required=True, help="folder of class folders: <data_path>/<class>/<image>")
+    parser.add_argument("--output", required=True, help="output file, .safetensors or .npz")
+    parser.add_argument("--input_size", type=int, default=224)
+    parser.add_argument("--crop_pct", type=float, default=None,
+                        help="resize to input_size / crop_pct then center-crop (default 0.875; "
+                             "plain resize from 384 px)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--stages", action="store_true", help="also write the four stage feature maps")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: CUDA, then MPS, then CPU)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    if Path(args.output).suffix not in OUTPUT_SUFFIXES:
+        parser.error(f"--output {args.output}: the file name must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    try:
+        models.check_model_name(args.model)
+        device = choose_device(args.device)
+        dataset = ImageFolderSkippingUnreadable(args.data_path, build_eval_transform(args.input_size, args.crop_pct))
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    extractor = FeatureExtractor(args.model, args.checkpoint, device, args.amp)
+    _logger.info("%s from %s: %d images in %d classes under %s", args.model,
+                 args.checkpoint or "random initialisation", len(dataset), len(dataset.classes), args.data_path)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False)
+    features = extract_dataset(extractor, loader, args.stages)
+    paths = [path for path, _ in dataset.samples]
+    unreadable = set(dataset.unreadable_paths())
+    if unreadable:  # the dataset put the next readable image in their place; drop those rows
+        keep = torch.tensor([path not in unreadable for path in paths])
+        features = {name: tensor[keep] for name, tensor in features.items()}
+        paths = [path for path in paths if path not in unreadable]
+        _logger.warning("left out %d unreadable images", len(unreadable))
+    metadata = {"model_name": args.model, "checkpoint": str(args.checkpoint), "input_size": str(args.input_size)}
+    path = save_features(args.output, features, dataset.classes, paths, metadata)
+    _logger.info("wrote %s: pooled %s, labels %s%s", path, tuple(features["pooled"].shape),
+                 tuple(features["labels"].shape), ", stage0..stage3" if args.stages else "")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Fine-tuning image transforms: timm's training pipeline and the official evaluation resize.
+
+Evaluation (official behaviour): below 384 px, resize the short side to
+``input_size / crop_pct`` (crop_pct 0.875 by default) then center-crop ``input_size``; from
+384 px up, resize straight to ``input_size x input_size`` (aspect not kept, nothing cropped)
+unless a ``crop_pct`` is given explicitly.
+"""
+from __future__ import annotations
+
+import models  # noqa: F401  (torchvision guard before timm/torchvision)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision import transforms
+
+DEFAULT_CROP_PCT = 0.875
+PLAIN_RESIZE_FROM = 384  # input size from which evaluation resizes without cropping
+
+
+def build_train_transform(
+    input_size: int,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    color_jitter: float | None = 0.4,
+    reprob: float = 0.25,
+    remode: str = "pixel",
+    recount: int = 1,
+    interpolation: str = "bicubic",
+):
+    """timm's training transform: RandomResizedCrop, flip, RandAugment (timm ignores colour
+    jitter when ``auto_augment`` is set), ImageNet normalisation, random erasing.
+    Image (PIL) -> (3, input_size, input_size) float tensor."""
+    return create_transform(
+        input_size=input_size,
+        is_training=True,
+        auto_augment=auto_augment or None,
+        color_jitter=color_jitter or 0.0,
+        re_prob=reprob,
+        re_mode=remode,
+        re_count=recount,
+        interpolation=interpolation,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
+
+
+def build_eval_transform(input_size: int, crop_pct: float | None = None, interpolation: str = "bicubic"):
+    """Deterministic evaluation transform, see the module docstring.
+    Image (PIL) -> (3, input_size, input_size) float tensor."""
+    mode = transforms.InterpolationMode(interpolation)
+    if crop_pct is None and input_size >= PLAIN_RESIZE_FROM:
+        resize = [transforms.Resize((input_size, input_size), interpolation=mode)]
+    else:
+        crop_pct = DEFAULT_CROP_PCT if crop_pct is None else crop_pct
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"--crop_pct must be in (0, 1], got {crop_pct}")
+        resize = [transforms.Resize(int(input_size / crop_pct), interpolation=mode),
+                  transforms.CenterCrop(input_size)]
+    return transforms.Compose([
+        *resize,
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])

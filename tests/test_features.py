@@ -1,0 +1,95 @@
+"""finetune.features: the API returns the model's own outputs; the CLI writes loadable files."""
+import pytest
+import torch
+from conftest import randomize_grn
+
+import models
+from engine.data import load_rgb_image
+from finetune.features import (FeatureExtractor, extract_pooled, extract_stages, load_features, main,
+                               save_features)
+from finetune.transforms import build_eval_transform
+from finetune_helpers import make_colour_folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A fine-tuned-style atto checkpoint (5-class head, non-zero GRN) in timm names."""
+    torch.manual_seed(0)
+    model = models.create_dense_model("convnextv2_atto", num_classes=5)
+    randomize_grn(model)
+    path = tmp_path_factory.mktemp("ckpt") / "atto.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def test_pooled_features_are_the_classifier_input(checkpoint):
+    images = torch.randn(2, 3, 64, 64)
+    extractor = FeatureExtractor("convnextv2_atto", checkpoint)
+    reference = models.load_pretrained("convnextv2_atto", checkpoint).eval()
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
+        logits = reference(images)
+    pooled = extractor.pooled(images)
+    assert pooled.shape == (2, 320)
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=0)
+    torch.testing.assert_close(reference.head.fc(pooled), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_maps_equal_forward_intermediates_and_one_pass_gives_both(checkpoint):
+    images = torch.randn(2, 3, 64, 64)
+    extractor = FeatureExtractor("convnextv2_atto", checkpoint)
+    reference = models.load_pretrained("convnextv2_atto", checkpoint).eval()
+    with torch.no_grad():
+        expected = reference.forward_intermediates(images, intermediates_only=True)
+    stages = extractor.stages(images)
+    assert [tuple(stage.shape) for stage in stages] == [(2, 40, 16, 16), (2, 80, 8, 8), (2, 160, 4, 4), (2, 320, 2, 2)]
+    for stage, reference_stage in zip(stages, expected):
+        torch.testing.assert_close(stage, reference_stage, rtol=0, atol=0)
+    pooled, both_stages = extractor.pooled_and_stages(images)
+    torch.testing.assert_close(pooled, extractor.pooled(images), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(both_stages[3], stages[3], rtol=0, atol=0)
+
+
+def test_functions_work_on_any_timm_convnext():
+    model = models.create_dense_model("convnextv2_atto", num_classes=0).eval()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert extract_pooled(model, images).shape == (1, 320)
+        assert [s.shape[1] for s in extract_stages(model, images)] == [40, 80, 160, 320]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_cli_writes_features_labels_classes_and_paths(checkpoint, tmp_path, suffix):
+    make_colour_folder(tmp_path / "images", classes=("blue", "red", "yellow"), per_class=2, size=40)
+    output = tmp_path / f"features{suffix}"
+    main(["--model", "convnextv2_atto", "--checkpoint", str(checkpoint), "--data_path", str(tmp_path / "images"),
+          "--output", str(output), "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--stages",
+          "--device", "cpu"])
+    features = load_features(output)
+    assert features["pooled"].shape == (6, 320) and features["pooled"].dtype == torch.float32
+    assert features["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert features["class_names"] == ["blue", "red", "yellow"]
+    assert [path.rsplit("/", 2)[-2] for path in features["paths"]] == ["blue", "blue", "red", "red", "yellow", "yellow"]
+    assert [tuple(features[f"stage{i}"].shape) for i in range(4)] == [
+        (6, 40, 8, 8), (6, 80, 4, 4), (6, 160, 2, 2), (6, 320, 1, 1)]
+    # the rows are the extractor's own output for those images
+    image = build_eval_transform(32)(load_rgb_image(features["paths"][3]))[None]
+    expected = FeatureExtractor("convnextv2_atto", checkpoint).pooled(image)
+    torch.testing.assert_close(features["pooled"][3:4], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_leaves_out_unreadable_images(checkpoint, tmp_path):
+    make_colour_folder(tmp_path / "images", classes=("blue", "red"), per_class=2, size=40)
+    (tmp_path / "images" / "blue" / "broken.png").write_bytes(b"not an image")
+    output = tmp_path / "features.safetensors"
+    main(["--model", "convnextv2_atto", "--data_path", str(tmp_path / "images"), "--output", str(output),
+          "--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--device", "cpu"])
+    features = load_features(output)
+    assert features["pooled"].shape == (4, 320)
+    assert not any(path.endswith("broken.png") for path in features["paths"])
+    assert features["labels"].tolist() == [0, 0, 1, 1]
+
+
+def test_output_suffix_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"\.safetensors or \.npz"):
+        save_features(tmp_path / "features.pt", {"pooled": torch.zeros(1, 2)}, ["a"], ["x.jpg"])
