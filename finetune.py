@@ -31,11 +31,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.checkpoint import (CheckpointError, atomic_write, latest_valid_checkpoint, load_checkpoint,
-                               save_checkpoint)
-from engine.config import (Check, ConfigError, TRAINING_CHECKS, add_training_arguments, config_dict, parse_args,
-                           save_config, validate)
-from engine.data import build_loader
+from engine.checkpoint import (CheckpointError, OutputWriteError, atomic_write, latest_valid_checkpoint,
+                               load_checkpoint, save_checkpoint)
+from engine.config import (Check, ConfigError, TRAINING_CHECKS, add_training_arguments, check_output_folders,
+                           config_dict, parse_args, save_config, validate)
+from engine.data import UnreadableDatasetError, build_loader
 from engine.distributed import DistributedInfo, broadcast_object, destroy_distributed, init_distributed, wrap_ddp
 from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
 from engine.loop import NonFiniteLossError, Step, train_one_epoch, updates_per_epoch
@@ -138,6 +138,9 @@ FINETUNE_CHECKS = (
     Check("--cutmix", lambda a: a.cutmix >= 0, "must be >= 0 (0 turns CutMix off)"),
     Check("--mixup_prob", lambda a: 0 <= a.mixup_prob <= 1, "must be in [0, 1]"),
     Check("--mixup_switch_prob", lambda a: 0 <= a.mixup_switch_prob <= 1, "must be in [0, 1]"),
+    Check("--cutmix_minmax", lambda a: a.cutmix_minmax is None or 0 <= a.cutmix_minmax[0] < a.cutmix_minmax[1] <= 1,
+          "must be MIN MAX with 0 <= MIN < MAX <= 1 (box size as a fraction of the image), e.g. 0.2 0.8"),
+    Check("--color_jitter", lambda a: a.color_jitter >= 0, "must be >= 0 (0 turns colour jitter off)"),
     Check("--batch_size", lambda a: not _mixup_on(a) or a.batch_size % 2 == 0,
           "must be even with Mixup/CutMix (images are mixed in pairs); or set --mixup 0 --cutmix 0"),
     Check("--reprob", lambda a: 0 <= a.reprob <= 1, "must be in [0, 1]"),
@@ -384,18 +387,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         validate(args, TRAINING_CHECKS + FINETUNE_CHECKS)
     except ConfigError as error:
         parser.error(str(error))
-    info = init_distributed(args.device)
-    setup_logging(info.rank, None if args.eval else Path(args.output_dir) / "train.log")
-    if demo:
-        start = (f"from the FCMAE demo encoder {DEMO_PRETRAINED}" if args.finetune else
-                 f"from random initialisation (run `python pretrain.py` first to start from its {DEMO_PRETRAINED})")
-        _logger.info("No arguments: demonstration run with %s %s, writing to %s", DEMO_CONFIG.name, start,
-                     args.output_dir)
+    info = init_distributed(args.device, args.dist_timeout)
     try:
+        if info.is_main and not args.eval:
+            check_output_folders(args)
+        setup_logging(info.rank, None if args.eval else Path(args.output_dir) / "train.log")
+        if demo:
+            start = (f"from the FCMAE demo encoder {DEMO_PRETRAINED}" if args.finetune else
+                     f"from random initialisation (run `python pretrain.py` first to start from its "
+                     f"{DEMO_PRETRAINED})")
+            _logger.info("No arguments: demonstration run with %s %s, writing to %s", DEMO_CONFIG.name, start,
+                         args.output_dir)
         return evaluate_checkpoint(args, info) if args.eval else finetune(args, info)
     except ConfigError as error:
         parser.error(str(error))
-    except (NonFiniteLossError, CheckpointError) as error:
+    except (NonFiniteLossError, CheckpointError, UnreadableDatasetError, OutputWriteError) as error:
         _logger.error("%s", error)
         sys.exit(1)
     finally:

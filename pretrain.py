@@ -27,10 +27,10 @@ from typing import Optional, Sequence
 import torch
 
 import fcmae
-from engine.checkpoint import (CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint,
-                               save_safetensors)
-from engine.config import (ConfigError, Check, TRAINING_CHECKS, add_training_arguments, config_dict, parse_args,
-                           save_config, validate)
+from engine.checkpoint import (CheckpointError, OutputWriteError, latest_valid_checkpoint, load_checkpoint,
+                               save_checkpoint, save_safetensors)
+from engine.config import (ConfigError, Check, TRAINING_CHECKS, add_training_arguments, check_output_folders,
+                           config_dict, parse_args, save_config, validate)
 from engine.data import (EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, UnreadableDatasetError, build_image_folder, build_loader,
                          pretrain_transform)
 from engine.distributed import (DistributedInfo, all_reduce_mean, broadcast_object, check_replicas_identical,
@@ -267,15 +267,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error(str(error))
     if args.cpu_threads is not None:
         torch.set_num_threads(args.cpu_threads)
-    info = init_distributed(args.device)
-    setup_logging(info.rank, Path(args.output_dir) / "train.log")
-    if demo:
-        _logger.info("No arguments: demonstration run with %s, writing to %s", DEMO_CONFIG.name, args.output_dir)
+    info = init_distributed(args.device, args.dist_timeout)
     try:
+        if info.is_main:
+            check_output_folders(args)
+        setup_logging(info.rank, Path(args.output_dir) / "train.log")
+        if demo:
+            _logger.info("No arguments: demonstration run with %s, writing to %s", DEMO_CONFIG.name, args.output_dir)
         return pretrain(args, info)
     except ConfigError as error:
         parser.error(str(error))
-    except (NonFiniteLossError, CheckpointError, UnreadableDatasetError) as error:
+    except (NonFiniteLossError, CheckpointError, UnreadableDatasetError, OutputWriteError) as error:
         _logger.error("%s", error)
         sys.exit(1)
     finally:

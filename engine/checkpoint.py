@@ -2,9 +2,12 @@
 
 * ``atomic_write(path, write_fn)``: ``write_fn(file)`` writes a temporary file in the same folder,
   which is flushed, fsynced and renamed over ``path`` (then the folder is fsynced): a reader sees
-  the old file or the new one, never half of one.
+  the old file or the new one, never half of one. A failed write (disk full, read-only folder)
+  removes the temporary file and raises ``OutputWriteError`` naming the file.
 * ``save_checkpoint(state, output_dir, epoch, keep_last)`` -> ``<output_dir>/checkpoint-<epoch>.pth``
-  (``epoch`` = epochs completed), then deletes all but the newest ``keep_last``.
+  (``epoch`` = epochs completed), then keeps it and the newest ``keep_last - 1`` checkpoints of
+  earlier epochs (files of later epochs, e.g. from another run, are never deleted) and removes
+  temporary files that a process killed while saving left behind.
 * ``checkpoint_paths(output_dir)``: checkpoint files, oldest first.
 * ``load_checkpoint(path)``: ``torch.load(weights_only=True)`` on CPU; ``CheckpointError`` if the
   file is unreadable or lacks ``required_keys``.
@@ -37,6 +40,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used; the message names the file and the cause."""
 
 
+class OutputWriteError(OSError):
+    """An output file could not be written; its previous version, if any, is untouched."""
+
+
 def _fsync_directory(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -66,8 +73,14 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) 
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, OutputWriteError):
+            raise OutputWriteError(
+                f"cannot write {path} ({error}); no partial file was left and the previous {path.name}, if any, "
+                f"is untouched. Free space in {path.parent} or choose another --output_dir, then rerun the same "
+                "command to resume from the last checkpoint."
+            ) from error
         raise
     _fsync_directory(path.parent)
     return path
@@ -84,11 +97,18 @@ def checkpoint_paths(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def save_checkpoint(state: Mapping[str, Any], output_dir: str | os.PathLike, epoch: int, keep_last: int) -> Path:
-    """Atomically write ``checkpoint-<epoch>.pth``; keep only the newest ``keep_last`` checkpoints."""
+    """Atomically write ``checkpoint-<epoch>.pth``; keep it and the newest ``keep_last - 1`` earlier ones."""
     path = atomic_write(Path(output_dir) / f"checkpoint-{epoch}.pth", lambda file: torch.save(dict(state), file))
-    for old in checkpoint_paths(output_dir)[:-keep_last]:
+    earlier = [old for old in checkpoint_paths(output_dir) if _epoch_of(old) < epoch]
+    for old in earlier[:max(len(earlier) - (keep_last - 1), 0)]:
         old.unlink(missing_ok=True)
+    for orphan in Path(output_dir).glob(".checkpoint-*.pth.*.tmp"):  # from a process killed mid-save
+        orphan.unlink(missing_ok=True)
     return path
+
+
+def _epoch_of(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(path.name).group(1))
 
 
 def load_checkpoint(path: str | os.PathLike, required_keys: Iterable[str] = REQUIRED_KEYS) -> dict[str, Any]:

@@ -9,7 +9,9 @@
   given on the command line clears the other's YAML value.
 * ``Check`` + ``validate(args, checks)``: table-driven validation run before any work; every
   failure names the flag, the value and the fix, and all failures are reported together.
-  ``TRAINING_CHECKS`` covers the shared flags.
+  ``TRAINING_CHECKS`` covers the shared flags; every float flag must also be finite (no nan/inf).
+* ``check_output_folders(args)``: creates ``--output_dir`` (and ``--log_dir``) and probes that a
+  file can be written there, so an unusable folder fails at start, not at the first checkpoint.
 * ``save_config(args, path, derived)``: the resolved configuration as YAML (reloadable with
   ``--config``), derived quantities (world size, effective batch, lr) as header comments.
 """
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -89,6 +93,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation, masks")
     run.add_argument("--device", type=str, default=None,
                      help="cpu | cuda | cuda:<i> | mps; None picks CUDA, then MPS, then CPU")
+    run.add_argument("--dist_timeout", type=int, default=1800,
+                     help="seconds a process waits for the others (e.g. while rank 0 saves a checkpoint) "
+                          "before a hung rank fails the job")
     return parser
 
 
@@ -187,7 +194,8 @@ class Check:
 
 def validate(args: argparse.Namespace, checks: Iterable[Check]) -> None:
     """Raise ConfigError listing every failed check as ``--flag value: fix``."""
-    failures = []
+    failures = [f"--{dest} {value!r}: must be a finite number" for dest, value in vars(args).items()
+                if _has_non_finite_float(value)]
     for check in checks:
         if not check.is_valid(args):
             dest = check.flag.lstrip("-")
@@ -195,6 +203,27 @@ def validate(args: argparse.Namespace, checks: Iterable[Check]) -> None:
             failures.append(f"{check.flag}{shown}: {check.fix}")
     if failures:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(failures))
+
+
+def _has_non_finite_float(value: Any) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(isinstance(item, float) and not math.isfinite(item) for item in values)
+
+
+def check_output_folders(args: argparse.Namespace) -> None:
+    """Create --output_dir (and --log_dir when given) and probe that files can be written there;
+    ConfigError naming the flag otherwise. Call it on the process that writes (rank 0)."""
+    for flag in ("--output_dir", "--log_dir"):
+        folder = getattr(args, flag.lstrip("-"), None)
+        if folder is None:
+            continue
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise ConfigError(f"{flag} {folder}: cannot write there ({error}); choose another {flag} "
+                              "or fix the folder (permissions, free space)") from error
 
 
 def _is_model_name(name: str) -> bool:
@@ -242,6 +271,8 @@ TRAINING_CHECKS: tuple[Check, ...] = (
     Check("--print_freq", lambda a: a.print_freq >= 1, "must be >= 1 (iterations between progress lines)"),
     Check("--seed", lambda a: a.seed >= 0, "must be >= 0"),
     Check("--device", _valid_device, _DEVICE_FIX),
+    Check("--dist_timeout", lambda a: a.dist_timeout >= 1,
+          "must be >= 1 second, and longer than a checkpoint save takes (default 1800)"),
 )
 
 

@@ -6,9 +6,11 @@
 * ``resolve_image_root(data_path, split)``: ``<data_path>/<split>`` if it exists, else ``data_path``.
 * ``ImageFolderSkippingUnreadable(root, transform)``: torchvision ImageFolder whose unreadable files
   (corrupt, truncated, not images) are skipped with a warning naming each and counting them; the
-  next readable file in the list takes its place, so batches stay full. If every file is
-  unreadable it raises ``UnreadableDatasetError``. ``build_image_folder`` adds a clear error
-  for a folder without images.
+  next readable file in the list takes its place, so batches stay full (for evaluation,
+  ``substitute_unreadable=False``: a blank image labelled ``UNREADABLE_TARGET``, left out of the
+  metrics). If every file is unreadable it raises ``UnreadableDatasetError``. A class folder
+  without images keeps its label (its index among the sorted class folders) and is named in a
+  warning; ``build_image_folder`` adds a clear error for a folder without any images.
 * ``EmbeddedPhotos(split, input_size, length, transform=None)``: real photographs bundled with
   scikit-image (public domain / CC0), no download needed; see its docstring.
 * ``build_loader(dataset, batch_size, num_workers, seed, rank, world_size, device, train)``:
@@ -40,6 +42,9 @@ _logger = logging.getLogger(__name__)
 
 # what PIL raises for files it cannot decode (UnidentifiedImageError and truncation are OSErrors)
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+UNREADABLE_TARGET = -1  # evaluation's label for a file that could not be read (left out of the metrics)
 
 
 class UnreadableDatasetError(RuntimeError):
@@ -97,12 +102,22 @@ class ImageFolderSkippingUnreadable(ImageFolder):
     """``ImageFolder`` (``<root>/<class>/<image>``) -> (image, class index), skipping unreadable files.
 
     An unreadable file is logged once (naming it and the running count) and replaced by the next
-    readable file in the sample list. The bookkeeping lives in shared memory, so DataLoader
-    workers' findings add up in ``unreadable_count``.
+    readable file in the sample list, so training batches stay full. For evaluation
+    (``substitute_unreadable=False``) it yields a blank image with target ``UNREADABLE_TARGET``
+    instead, which the evaluation leaves out, so no image is counted twice. The bookkeeping lives
+    in shared memory, so DataLoader workers' findings add up in ``unreadable_count``.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None):
-        super().__init__(os.fspath(root), transform=transform, loader=load_rgb_image)
+    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None,
+                 substitute_unreadable: bool = True):
+        # allow_empty: an empty class folder must not shift the labels of the others (nor stop pretraining)
+        super().__init__(os.fspath(root), transform=transform, loader=load_rgb_image, allow_empty=True)
+        if not self.samples:
+            raise FileNotFoundError(f"no image files in the class folders of {self.root}")
+        empty = sorted(set(self.classes) - {self.classes[target] for target in self.targets})
+        if empty:
+            _logger.warning("%d class folders under %s hold no images: %s", len(empty), self.root, ", ".join(empty))
+        self.substitute_unreadable = substitute_unreadable
         self._unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     @property
@@ -112,31 +127,41 @@ class ImageFolderSkippingUnreadable(ImageFolder):
     def unreadable_paths(self) -> list[str]:
         return [self.samples[index][0] for index in torch.nonzero(self._unreadable).flatten().tolist()]
 
+    def _load(self, index: int) -> Optional[tuple[Any, int]]:
+        """(transformed image, target) of sample ``index``; None, recorded and logged, if unreadable."""
+        if self._unreadable[index]:
+            return None
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            self._unreadable[index] = True
+            _logger.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
+                            path, type(error).__name__, error, self.unreadable_count)
+            return None
+        return (self.transform(image) if self.transform is not None else image), target
+
     def __getitem__(self, index: int):
+        if not self.substitute_unreadable:
+            loaded = self._load(index)
+            if loaded is None:
+                blank = Image.new("RGB", (1, 1))
+                return (self.transform(blank) if self.transform is not None else blank), UNREADABLE_TARGET
+            return loaded
         for offset in range(len(self.samples)):
-            candidate = (index + offset) % len(self.samples)
-            if self._unreadable[candidate]:
-                continue
-            path, target = self.samples[candidate]
-            try:
-                image = self.loader(path)
-            except UNREADABLE_IMAGE_ERRORS as error:
-                self._unreadable[candidate] = True
-                _logger.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
-                                path, type(error).__name__, error, self.unreadable_count)
-                continue
-            if self.transform is not None:
-                image = self.transform(image)
-            return image, target
+            loaded = self._load((index + offset) % len(self.samples))
+            if loaded is not None:
+                return loaded
         raise UnreadableDatasetError(f"all {len(self.samples)} image files under {self.root} are unreadable; "
                            "check the files (e.g. open one with PIL) or point --data_path elsewhere")
 
 
-def build_image_folder(data_path: str | os.PathLike, split: str, transform: Callable) -> ImageFolderSkippingUnreadable:
+def build_image_folder(data_path: str | os.PathLike, split: str, transform: Callable,
+                       substitute_unreadable: bool = True) -> ImageFolderSkippingUnreadable:
     """The ``split`` images under ``data_path``; ConfigError naming --data_path if there are none."""
     root = resolve_image_root(data_path, split)
     try:
-        dataset = ImageFolderSkippingUnreadable(root, transform=transform)
+        dataset = ImageFolderSkippingUnreadable(root, transform, substitute_unreadable)
     except FileNotFoundError as error:
         raise ConfigError(
             f"--data_path {data_path}: no images found in {root} ({error}); expected "

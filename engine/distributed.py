@@ -2,9 +2,11 @@
 
 * ``choose_device(requested, local_rank)``: ``--device`` if given, else CUDA, then MPS, then CPU;
   ``device_problem(name)`` says why a requested device cannot be used (None if it can).
-* ``init_distributed(requested_device)`` -> ``DistributedInfo(rank, world_size, local_rank, device)``:
+* ``init_distributed(requested_device, timeout_s)`` -> ``DistributedInfo(rank, world_size, local_rank, device)``:
   under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) joins the ``env://`` process group
-  with NCCL on CUDA and gloo otherwise; without torchrun, a single process.
+  with NCCL on CUDA and gloo otherwise; without torchrun, a single process. A collective that
+  waits longer than ``timeout_s`` for a hung rank raises instead of blocking the job forever (a
+  rank that dies is noticed at once: torchrun then stops the others).
 * ``get_rank``, ``get_world_size``, ``is_main_process``, ``barrier``, ``all_reduce_mean``,
   ``all_gather_objects``, ``broadcast_object`` work with and without a process group.
 * ``wrap_ddp(model, device)``, ``unwrap_model(model)`` (removes DDP and torch.compile wrappers),
@@ -12,6 +14,7 @@
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 from dataclasses import dataclass
@@ -79,7 +82,7 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(requested_device: Optional[str] = None) -> DistributedInfo:
+def init_distributed(requested_device: Optional[str] = None, timeout_s: Optional[float] = None) -> DistributedInfo:
     """Join torchrun's process group if launched by it; pick this process's device."""
     if not launched_by_torchrun():
         return DistributedInfo(0, 1, 0, choose_device(requested_device))
@@ -91,8 +94,9 @@ def init_distributed(requested_device: Optional[str] = None) -> DistributedInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, timeout=timeout)
     return DistributedInfo(rank, world_size, local_rank, device)
 
 

@@ -7,7 +7,8 @@
   ``epoch 3/10 [ 20/100]  loss 0.8123 (0.8301)  lr 1.20e-04  112.3 img/s  eta 0:02:13 (run 1:10:00)``
   (loss now and epoch mean, images/s over all ranks); ``summary()`` gives the epoch's means.
 * ``TensorBoardWriter(log_dir)``: scalars and images; a no-op when ``log_dir`` is None (other ranks).
-* ``MetricsLog(path)``: appends one JSON object per line (one per epoch); None path = no-op.
+* ``MetricsLog(path)``: appends one JSON object per line (one per epoch); None path = no-op;
+  a failed write raises ``engine.checkpoint.OutputWriteError``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
+
+from .checkpoint import OutputWriteError
 
 _logger = logging.getLogger(__name__)
 _HANDLER_MARK = "_engine_handler"
@@ -134,8 +137,13 @@ class MetricsLog:
         self.path = Path(path) if path is not None else None
 
     def append(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` as one line; OutputWriteError (e.g. disk full) names the file."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as file:
-            file.write(json.dumps(dict(record)) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as file:
+                file.write(json.dumps(dict(record)) + "\n")
+        except OSError as error:
+            raise OutputWriteError(f"cannot append to {self.path} ({error}); free space in {self.path.parent} "
+                                   "or choose another --output_dir, then rerun to resume") from error

@@ -64,7 +64,7 @@ def build_datasets(args: argparse.Namespace, train_transform: Optional[Callable]
         return train, val, list(val.classes)
 
     val_root = validation_root(args.data_path, args.eval_data_path)
-    val = build_image_folder(val_root, "val", eval_transform)
+    val = build_image_folder(val_root, "val", eval_transform, substitute_unreadable=False)  # no image counted twice
     if train_transform is None:
         _logger.info("validation: %d images in %d classes under %s", len(val), len(val.classes), val.root)
         return None, val, list(val.classes)

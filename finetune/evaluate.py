@@ -4,7 +4,8 @@ With ``--dist_eval`` every rank evaluates a shard (``DistributedSampler(shuffle=
 the counts are summed across ranks. That sampler pads the index list by repeating its first
 indices so that every rank gets the same number of samples; the padding lands at the end of
 the list, so on rank ``r`` only the first ``len(range(r, N, world_size))`` samples are real
-and the rest are skipped. The accuracy is then that of each image counted exactly once.
+and the rest are skipped. The accuracy is then that of each image counted exactly once. Files that
+could not be read (target ``engine.data.UNREADABLE_TARGET``) are left out of every count.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from engine.data import UNREADABLE_TARGET
 from engine.loop import amp_autocast
 
 
@@ -42,8 +44,11 @@ def evaluate(
         seen += len(targets)
         if keep == 0:
             continue
-        images = images[:keep].to(device, non_blocking=True)
-        targets = targets[:keep].to(device, non_blocking=True)
+        readable = targets[:keep] != UNREADABLE_TARGET  # an unreadable file is left out, not guessed
+        if not readable.any():
+            continue
+        images = images[:keep][readable].to(device, non_blocking=True)
+        targets = targets[:keep][readable].to(device, non_blocking=True)
         with amp_autocast(device.type, amp):
             logits = model(images)
         logits = logits.float()
@@ -53,7 +58,7 @@ def evaluate(
             hits[:, 0].sum(),
             hits.any(dim=1).sum(),
             F.cross_entropy(logits, targets, reduction="sum"),
-            torch.tensor(keep, device=device),
+            torch.tensor(len(targets), device=device),
         ]).double()
     model.train(was_training)
     if real_count is not None and loader.sampler.num_replicas > 1 and dist.is_initialized():

@@ -200,7 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         dataset = ImageFolderSkippingUnreadable(args.data_path, build_eval_transform(args.input_size, args.crop_pct))
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    extractor = FeatureExtractor(args.model, args.checkpoint, device, args.amp)
+    try:
+        extractor = FeatureExtractor(args.model, args.checkpoint, device, args.amp)
+    except (ValueError, FileNotFoundError) as error:  # unreadable, unsafe or of another model size
+        parser.error(f"--checkpoint {args.checkpoint}: {error}")
     _logger.info("%s from %s: %d images in %d classes under %s", args.model,
                  args.checkpoint or "random initialisation", len(dataset), len(dataset.classes), args.data_path)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False)

@@ -73,15 +73,20 @@ def read_checkpoint(path: str | Path) -> Mapping:
 
     Torch files are unpickled with ``weights_only=True``; ``argparse.Namespace`` (the ``args``
     entry of official training checkpoints, a plain attribute bag) is the one extra class
-    allowed. Anything else that needs code to unpickle raises ValueError.
+    allowed. Anything else that needs code to unpickle raises ValueError, and so does a file
+    that is truncated or not a checkpoint at all.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error}); it may be truncated") from error
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -93,6 +98,9 @@ def read_checkpoint(path: str | Path) -> Mapping:
             f"file ({reason}), so it was not loaded. Re-save its weights from a trusted environment, "
             f"e.g. torch.save(model.state_dict(), ...) or safetensors."
         ) from error
+    except (RuntimeError, EOFError, KeyError, OSError) as error:  # truncated zip, empty file, other format
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
+                         "it may be truncated or in another format") from error
 
 
 def convert_to_timm(checkpoint: Mapping, model_name: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,99 @@
+"""A non-finite loss stops the run cleanly; fp16 overflows are counted, not fatal (issue 5, item 6).
+
+NaN is injected into the input images of one iteration (as a corrupt sample would be) through the
+CLIs' own loss functions. The run must exit with code 1 and an error naming the epoch and
+iteration, the last checkpoint must be byte-identical with an unchanged modification time, and
+the same command without the fault must resume from it and finish.
+"""
+import json
+import logging
+
+import pytest
+import torch
+
+import pretrain
+from engine.checkpoint import load_checkpoint
+from finetune_helpers import load_finetune_script
+from reliability.faults import finetune_args, pretrain_args
+
+NAN_AT = (1, 2)  # (epoch, iteration), 0-based: after checkpoint-1, in the middle of the second epoch
+
+
+def file_snapshot(path):
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def nan_injecting(make_loss_fn, output, snapshots):
+    """Wrap a CLI's ``make_loss_fn`` so that the images of iteration ``NAN_AT`` hold a NaN; just
+    before, record every checkpoint file of ``output`` (bytes and mtime) in ``snapshots``."""
+
+    def make(*args, **kwargs):
+        loss_fn = make_loss_fn(*args, **kwargs)
+
+        def loss_with_nan_input(model, batch, step):
+            if (step.epoch, step.iteration) == NAN_AT:
+                snapshots.update({path.name: file_snapshot(path) for path in output.glob("checkpoint-*.pth")})
+                images = batch[0].clone()
+                images[0, 0, 0, 0] = float("nan")
+                batch = (images, *batch[1:])
+            return loss_fn(model, batch, step)
+
+        return loss_with_nan_input
+
+    return make
+
+
+@pytest.mark.parametrize("cli", ["pretrain", "finetune"])
+def test_nan_loss_stops_and_leaves_the_last_checkpoints_untouched_and_resumable(cli, pretrain_data, finetune_data,
+                                                                                tmp_path, monkeypatch, caplog):
+    module = pretrain if cli == "pretrain" else load_finetune_script()
+    output = tmp_path / "out"
+    argv = (pretrain_args(pretrain_data, output, epochs=2) if cli == "pretrain"
+            else finetune_args(finetune_data, output, epochs=2))
+    snapshots = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "make_loss_fn", nan_injecting(module.make_loss_fn, output, snapshots))
+        with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+            module.main(argv)
+    assert exit_info.value.code == 1
+    assert "loss is nan at epoch 1 iteration 2" in caplog.text and "the last checkpoint is kept" in caplog.text
+
+    best = {"checkpoint-best.pth", "checkpoint-best-ema.pth"} if cli == "finetune" else set()
+    assert set(snapshots) == {"checkpoint-1.pth", *best}
+    for name, snapshot in snapshots.items():
+        assert file_snapshot(output / name) == snapshot, f"{name} changed after the NaN"
+    assert not (output / "checkpoint-2.pth").exists() and not list(output.glob(".*.tmp"))
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        module.main(argv)  # the fault is gone: the same command resumes
+    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epochs completed)" in caplog.text
+    final = load_checkpoint(output / "checkpoint-2.pth")["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in final.values())
+
+
+def test_fp16_overflow_is_counted_and_logged_not_fatal(pretrain_data, tmp_path, monkeypatch, caplog):
+    """On CPU too: autocast float16 with a GradScaler; one iteration's gradients overflow float16."""
+    real_make_loss_fn = pretrain.make_loss_fn
+
+    def make_overflowing_loss_fn(*args, **kwargs):
+        loss_fn = real_make_loss_fn(*args, **kwargs)
+
+        def loss(model, batch, step):
+            value, metrics = loss_fn(model, batch, step)
+            return (value * 1e30 if (step.epoch, step.iteration) == (0, 1) else value), metrics  # finite in fp32
+
+        return loss
+
+    monkeypatch.setattr(pretrain, "make_loss_fn", make_overflowing_loss_fn)
+    output = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        pretrain.main(pretrain_args(pretrain_data, output, "--amp", "fp16", epochs=2))
+
+    assert "fp16: the loss scaler skipped 1 of 4 updates this epoch" in caplog.text
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [record["skipped_updates"] for record in records] == [1, 0]
+    state = load_checkpoint(output / "checkpoint-2.pth")
+    assert state["stepper"]["skipped_updates"] == 1
+    assert state["stepper"]["scaler"]["scale"] < 65536.0, "the scaler did not back off"
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
