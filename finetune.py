@@ -387,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         validate(args, TRAINING_CHECKS + FINETUNE_CHECKS)
     except ConfigError as error:
         parser.error(str(error))
-    info = init_distributed(args.device, args.dist_timeout)
+    info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
     try:
         if info.is_main and not args.eval:
             check_output_folders(args)

@@ -69,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="normalise each target patch by its mean/std")
     group.add_argument("--decoder_depth", type=int, default=1, help="ConvNeXt V2 blocks in the decoder")
     group.add_argument("--decoder_embed_dim", type=int, default=512, help="decoder width")
-    parser.add_argument("--cpu_threads", type=int, default=None,
-                        help="torch threads on CPU (default: PyTorch's choice); 1 avoids stalls on a busy machine")
     parser.set_defaults(output_dir="./output/pretrain")
     return parser
 
@@ -82,8 +80,6 @@ PRETRAIN_CHECKS = (
           "must be in [0, 1): the fraction of patches hidden (the paper uses 0.6)"),
     Check("--decoder_depth", lambda a: a.decoder_depth >= 1, "must be >= 1 (the paper uses 1)"),
     Check("--decoder_embed_dim", lambda a: a.decoder_embed_dim >= 1, "must be >= 1 (the paper uses 512)"),
-    Check("--cpu_threads", lambda a: a.cpu_threads is None or a.cpu_threads >= 1,
-          "must be >= 1 (leave it out for PyTorch's default)"),
     Check("--backend", lambda a: a.backend != "minkowski" or importlib.util.find_spec("MinkowskiEngine") is not None,
           "MinkowskiEngine is not installed; build it with scripts/install_minkowski.sh or use --backend sparse"),
 )
@@ -265,9 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         validate(args, TRAINING_CHECKS + PRETRAIN_CHECKS)
     except ConfigError as error:
         parser.error(str(error))
-    if args.cpu_threads is not None:
-        torch.set_num_threads(args.cpu_threads)
-    info = init_distributed(args.device, args.dist_timeout)
+    info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
     try:
         if info.is_main:
             check_output_folders(args)

@@ -96,6 +96,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--dist_timeout", type=int, default=1800,
                      help="seconds a process waits for the others (e.g. while rank 0 saves a checkpoint) "
                           "before a hung rank fails the job")
+    run.add_argument("--cpu_threads", type=int, default=None,
+                     help="torch threads per process on CPU (default: PyTorch's choice); 1 avoids "
+                          "stalls on a busy or small machine")
     return parser
 
 
@@ -273,6 +276,8 @@ TRAINING_CHECKS: tuple[Check, ...] = (
     Check("--device", _valid_device, _DEVICE_FIX),
     Check("--dist_timeout", lambda a: a.dist_timeout >= 1,
           "must be >= 1 second, and longer than a checkpoint save takes (default 1800)"),
+    Check("--cpu_threads", lambda a: a.cpu_threads is None or a.cpu_threads >= 1,
+          "must be >= 1 (leave it out for PyTorch's default)"),
 )
 
 

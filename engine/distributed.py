@@ -2,7 +2,7 @@
 
 * ``choose_device(requested, local_rank)``: ``--device`` if given, else CUDA, then MPS, then CPU;
   ``device_problem(name)`` says why a requested device cannot be used (None if it can).
-* ``init_distributed(requested_device, timeout_s)`` -> ``DistributedInfo(rank, world_size, local_rank, device)``:
+* ``init_distributed(requested_device, timeout_s, cpu_threads)`` -> ``DistributedInfo(rank, world_size, local_rank, device)``:
   under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) joins the ``env://`` process group
   with NCCL on CUDA and gloo otherwise; without torchrun, a single process. A collective that
   waits longer than ``timeout_s`` for a hung rank raises instead of blocking the job forever (a
@@ -82,8 +82,13 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(requested_device: Optional[str] = None, timeout_s: Optional[float] = None) -> DistributedInfo:
-    """Join torchrun's process group if launched by it; pick this process's device."""
+def init_distributed(
+    requested_device: Optional[str] = None, timeout_s: Optional[float] = None, cpu_threads: Optional[int] = None
+) -> DistributedInfo:
+    """Set this process up: torch CPU threads (if given), torchrun's process group if launched
+    by it, and the device."""
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
     if not launched_by_torchrun():
         return DistributedInfo(0, 1, 0, choose_device(requested_device))
     rank = int(os.environ["RANK"])

@@ -37,6 +37,7 @@ SHARED = {
     "--print_freq": ["0"],
     "--seed": ["-1"],
     "--dist_timeout": ["0"],
+    "--cpu_threads": ["0"],
 }
 INVALID = {
     "pretrain": {
@@ -45,7 +46,6 @@ INVALID = {
         "--mask_ratio": ["1.0", "-0.1", "nan"],
         "--decoder_depth": ["0"],
         "--decoder_embed_dim": ["0"],
-        "--cpu_threads": ["0"],
     },
     "finetune": {
         **SHARED,
