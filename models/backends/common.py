@@ -36,7 +36,8 @@ def global_response_norm(
     counted = tokens if visible is None else tokens * visible
     norm = counted.norm(p=2, dim=1, keepdim=True)  # (N, 1, C)
     normalised = norm / (norm.mean(dim=-1, keepdim=True) + grn.eps)
-    return tokens + torch.addcmul(grn.bias, grn.weight, tokens * normalised)
+    # gamma * (X * Nx) + beta + X, as X * (1 + gamma * Nx) + beta: one pass over the tokens
+    return torch.addcmul(grn.bias, tokens, 1.0 + grn.weight * normalised)
 
 
 def block_pointwise(block: nn.Module, tokens: torch.Tensor, visible: Optional[torch.Tensor] = None) -> torch.Tensor:

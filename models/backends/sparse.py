@@ -1,21 +1,113 @@
 """``sparse`` backend: pure PyTorch, per-position work only on visible positions.
 
 Every image keeps the same number of cells, so the visible positions of a stage form a
-regular (N, L_visible, C) token tensor. LayerNorm, both MLP linears, GELU, GRN, the
-residual and the downsampling convs run on those tokens only; the depthwise 7x7 conv,
-the one spatial operation, scatters tokens into a zero map, convolves, and gathers back.
+regular (N, L_visible, C) token tensor. The tokens are kept in *cell-major* order: visible
+cell after visible cell (ascending cell index), and inside a cell its s x s positions row
+by row (s = 8, 4, 2, 1 at stages 0-3). In that order
+- the stem runs on the visible 32x32 cells alone (its 4x4 stride-4 conv never crosses a cell);
+- downsampling is a reshape: a position's 2x2 children lie in its own cell;
+- LayerNorm, both MLP linears, GELU, GRN and the residual act on the tokens only;
+- the depthwise 7x7 conv, the one spatial operation, copies the tokens into a zero
+  channels-last map at precomputed rows, convolves, and reads the same rows back.
+
+``visible_indices``, ``gather_tokens`` and ``scatter_tokens`` (row-major positions on a
+stage's map) serve the minkowski backend.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..sparse_encoder import TOTAL_STRIDE
 from .common import block_pointwise, downsample_linear, layer_norm, upsample_mask
 
 
+def encode(encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    grid_size = (images.shape[2] // TOTAL_STRIDE, images.shape[3] // TOTAL_STRIDE)
+    cells = visible_cells(mask)
+    tokens, side = sparse_stem(encoder.stem, images, cells)
+    for stage_index, stage in enumerate(encoder.stages):
+        if stage_index > 0:
+            tokens = sparse_downsample(stage.downsample, tokens, side)
+            side //= 2
+        rows = cell_major_rows(cells, grid_size, side)  # shared by the stage's blocks
+        map_shape = (images.shape[0], grid_size[0] * side, grid_size[1] * side)
+        for block in stage.blocks:
+            tokens = sparse_block(block, tokens, rows, map_shape)
+    return tokens_to_map(tokens, rows, map_shape)
+
+
+def visible_cells(mask: torch.Tensor) -> torch.Tensor:
+    """(N, L) mask, 1 = hidden -> (N, K) each image's visible cell indices, ascending
+    (stable argsort: no host synchronisation beyond reading the count K)."""
+    kept = mask.shape[1] - int(mask[0].sum().item())  # same for every image
+    return torch.argsort(mask, dim=1, stable=True)[:, :kept]
+
+
+def cell_major_rows(cells: torch.Tensor, grid_size: tuple[int, int], side: int) -> torch.Tensor:
+    """(N * K * side**2,) rows of a stage's flattened (N * H * W, C) map, one per cell-major token,
+    for a stage whose grid cells are ``side`` x ``side`` positions."""
+    grid_h, grid_w = grid_size
+    height, width = grid_h * side, grid_w * side
+    offsets = torch.arange(side, device=cells.device)
+    rows = (cells // grid_w * side)[:, :, None, None] + offsets[:, None]  # (N, K, side, 1)
+    columns = (cells % grid_w * side)[:, :, None, None] + offsets  # (N, K, 1, side)
+    image_starts = torch.arange(cells.shape[0], device=cells.device)[:, None, None, None] * (height * width)
+    return (image_starts + rows * width + columns).flatten()
+
+
+def tokens_to_map(tokens: torch.Tensor, rows: torch.Tensor, map_shape: tuple[int, int, int]) -> torch.Tensor:
+    """(N, L_visible, C) cell-major tokens -> (N, C, H, W) channels-last map, zero off ``rows``."""
+    batch, height, width = map_shape
+    channels = tokens.shape[-1]
+    flat = tokens.new_zeros(batch * height * width, channels).index_copy_(0, rows, tokens.reshape(-1, channels))
+    return flat.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def sparse_stem(stem, images: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The stem on each image's visible 32x32 cells (N, K) only.
+
+    Returns cell-major tokens (N, K * side**2, C) and ``side``, the stem outputs per cell side.
+    """
+    batch, channels, height, width = images.shape
+    grid_w = width // TOTAL_STRIDE
+    patches = images.reshape(batch, channels, height // TOTAL_STRIDE, TOTAL_STRIDE, grid_w, TOTAL_STRIDE)
+    patches = patches.permute(0, 2, 4, 1, 3, 5)  # (N, grid_h, grid_w, 3, 32, 32)
+    image_ids = torch.arange(batch, device=images.device)[:, None]
+    visible = patches[image_ids, cells // grid_w, cells % grid_w]  # (N, K, 3, 32, 32)
+    out = stem(visible.flatten(0, 1))  # (N * K, C, side, side)
+    return out.permute(0, 2, 3, 1).reshape(batch, -1, out.shape[1]), out.shape[-1]
+
+
+def sparse_block(block, tokens: torch.Tensor, rows: torch.Tensor, map_shape: tuple[int, int, int]) -> torch.Tensor:
+    """One ConvNeXt V2 block on cell-major tokens (N, L_visible, C) placed at ``rows`` of the
+    stage's map, ``map_shape`` = (N, H, W)."""
+    channels = tokens.shape[-1]
+    mixed = block.conv_dw(tokens_to_map(tokens, rows, map_shape))
+    # channels-last in, channels-last out: the permute is a view; hidden outputs are dropped
+    mixed = mixed.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, rows)
+    return tokens + block.drop_path(block_pointwise(block, mixed.reshape(tokens.shape)))
+
+
+def sparse_downsample(downsample, tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """LayerNorm + 2x2 stride-2 conv on cell-major tokens with ``side`` x ``side`` positions per
+    cell -> cell-major tokens with side / 2.
+
+    The mask is nested across stages, so each output's 2x2 children are visible and lie in
+    its own cell: the conv is a linear map on their concatenation, no hidden input is read.
+    """
+    norm, conv = downsample[0], downsample[1]
+    batch, _, channels = tokens.shape
+    half = side // 2
+    children = layer_norm(norm, tokens).reshape(batch, -1, half, 2, half, 2, channels)  # (N, K, y, dy, x, dx, C)
+    children = children.permute(0, 1, 2, 4, 6, 3, 5).reshape(batch, -1, channels * 4)  # (C, dy, dx) per output
+    weight, bias = downsample_linear(conv)
+    return F.linear(children, weight, bias)
+
+
 def visible_indices(mask: torch.Tensor, grid_size: tuple[int, int], scale: int, visible_cells: int) -> torch.Tensor:
-    """(N, visible_cells * scale**2) flat indices of the visible positions at a stage ``scale`` x
-    finer than the grid, ascending within each image (stable argsort: no host synchronisation)."""
+    """(N, visible_cells * scale**2) flat row-major indices of the visible positions at a stage
+    ``scale`` x finer than the grid, ascending within each image (stable argsort: no host sync)."""
     fine = upsample_mask(mask, grid_size, scale).flatten(1)  # (N, h*w)
     return torch.argsort(fine, dim=1, stable=True)[:, : visible_cells * scale * scale]
 
@@ -30,52 +122,3 @@ def scatter_tokens(tokens: torch.Tensor, indices: torch.Tensor, num_positions: i
     batch, _, channels = tokens.shape
     dense = tokens.new_zeros(batch, num_positions, channels)
     return dense.scatter(1, indices.unsqueeze(-1).expand(-1, -1, channels), tokens)
-
-
-def encode(encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    grid_size = (images.shape[2] // 32, images.shape[3] // 32)
-    stem_out = encoder.stem(images)  # dense: the stem never mixes 32x32 cells
-    batch, _, height, width = stem_out.shape
-    visible_cells = mask.shape[1] - int(mask[0].sum().item())  # same for every image
-    indices = visible_indices(mask, grid_size, 8, visible_cells)
-    tokens = gather_tokens(stem_out.flatten(2).transpose(1, 2), indices)
-    for stage_index, stage in enumerate(encoder.stages):
-        if stage_index > 0:
-            child_indices, child_size = indices, (height, width)
-            height, width = height // 2, width // 2
-            indices = visible_indices(mask, grid_size, 2 ** (3 - stage_index), visible_cells)
-            tokens = sparse_downsample(stage.downsample, tokens, child_indices, child_size, indices)
-        for block in stage.blocks:
-            tokens = sparse_block(block, tokens, indices, (height, width))
-    out = scatter_tokens(tokens, indices, height * width)
-    return out.transpose(1, 2).reshape(batch, -1, height, width)
-
-
-def sparse_block(block, tokens: torch.Tensor, indices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """One ConvNeXt V2 block on (N, L_visible, C) tokens at stage resolution ``size``."""
-    height, width = size
-    batch, _, channels = tokens.shape
-    spatial = scatter_tokens(tokens, indices, height * width)
-    spatial = spatial.transpose(1, 2).reshape(batch, channels, height, width)
-    mixed = block.conv_dw(spatial).flatten(2).transpose(1, 2)
-    mixed = gather_tokens(mixed, indices)  # hidden outputs are never computed further
-    return tokens + block.drop_path(block_pointwise(block, mixed))
-
-
-def sparse_downsample(
-    downsample, tokens: torch.Tensor, child_indices: torch.Tensor, child_size: tuple[int, int], indices: torch.Tensor
-) -> torch.Tensor:
-    """LayerNorm + 2x2 stride-2 conv: tokens at ``child_indices`` on a ``child_size`` map ->
-    tokens at ``indices`` on the half-size map.
-
-    The mask is nested across stages, so each visible output has exactly four visible
-    children and the conv is a linear map on their concatenation; no hidden input is read.
-    """
-    norm, conv = downsample[0], downsample[1]
-    height, width = child_size
-    batch, _, channels = tokens.shape
-    spatial = scatter_tokens(layer_norm(norm, tokens), child_indices, height * width)  # memory only
-    children = spatial.reshape(batch, height // 2, 2, width // 2, 2, channels)
-    children = children.permute(0, 1, 3, 5, 2, 4).reshape(batch, (height // 2) * (width // 2), channels * 4)
-    weight, bias = downsample_linear(conv)
-    return F.linear(gather_tokens(children, indices), weight, bias)

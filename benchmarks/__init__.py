@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.pretrain_speed --help``."""

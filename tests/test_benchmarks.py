@@ -1,0 +1,32 @@
+"""benchmarks/pretrain_speed.py: its --smoke run times every mode and prints the table."""
+import subprocess
+import sys
+
+from benchmarks.pretrain_speed import minkowski_available
+from tests.conftest import REPO_ROOT
+
+
+def parse_markdown_table(text: str) -> list[dict[str, str]]:
+    """Rows of the first markdown table in ``text`` as {header: cell}."""
+    lines = [line.strip().strip("|") for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.split("|")))) for line in lines[2:]]
+
+
+def test_speed_benchmark_smoke_mode_prints_table(tmp_path):
+    output = tmp_path / "speed.md"
+    command = [sys.executable, "-m", "benchmarks.pretrain_speed", "--smoke", "--output", str(output)]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"--smoke failed:\n{run.stderr[-3000:]}"
+
+    rows = {row["mode"]: row for row in parse_markdown_table(run.stdout)}
+    expected = {"sparse", "masked", "dense"} | ({"minkowski"} if minkowski_available() else set())
+    assert set(rows) == expected, f"table modes {sorted(rows)}, expected {sorted(expected)}"
+    for mode, row in rows.items():
+        assert float(row["images/s"]) > 0, f"{mode}: images/s {row['images/s']}"
+        assert float(row["peak memory (MiB)"]) > 0, f"{mode}: peak memory {row['peak memory (MiB)']}"
+    for flops in ["encoder GFLOPs/img", "step GFLOPs/img"]:
+        sparse, masked = float(rows["sparse"][flops]), float(rows["masked"][flops])
+        assert sparse < masked, f"{flops}: sparse {sparse} should be below masked {masked}"
+    assert rows["masked"]["vs masked"] == "1.00x"
+    assert parse_markdown_table(output.read_text()) == parse_markdown_table(run.stdout), "--output differs from stdout"
