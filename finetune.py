@@ -31,14 +31,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.checkpoint import (CheckpointError, OutputWriteError, atomic_write, latest_valid_checkpoint,
-                               load_checkpoint, save_checkpoint)
+from engine.checkpoint import atomic_write, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from engine.cli import cli_errors, parse_and_validate
 from engine.config import (Check, ConfigError, TRAINING_CHECKS, add_training_arguments, check_output_folders,
-                           config_dict, parse_args, save_config, validate)
-from engine.data import UnreadableDatasetError, build_loader
-from engine.distributed import DistributedInfo, broadcast_object, destroy_distributed, init_distributed, wrap_ddp
+                           config_dict, save_config)
+from engine.data import build_loader
+from engine.distributed import DistributedInfo, broadcast_object, init_distributed, wrap_ddp
 from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
-from engine.loop import NonFiniteLossError, Step, train_one_epoch, updates_per_epoch
+from engine.loop import Step, train_one_epoch, updates_per_epoch
 from engine.optim import build_adamw, effective_batch_size, scaled_lr
 from engine.schedule import build_lr_scheduler
 from engine.seeding import capture_rng_state, configure_determinism, derive_seed, restore_rng_state, seed_everything
@@ -382,13 +382,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if demo:
         argv = demo_arguments()
     parser = build_parser()
-    args = parse_args(parser, argv, exclusive=[("lr", "blr")])
-    try:
-        validate(args, TRAINING_CHECKS + FINETUNE_CHECKS)
-    except ConfigError as error:
-        parser.error(str(error))
+    args = parse_and_validate(parser, argv, TRAINING_CHECKS + FINETUNE_CHECKS)
     info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
-    try:
+    with cli_errors(parser):
         if info.is_main and not args.eval:
             check_output_folders(args)
         setup_logging(info.rank, None if args.eval else Path(args.output_dir) / "train.log")
@@ -399,13 +395,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             _logger.info("No arguments: demonstration run with %s %s, writing to %s", DEMO_CONFIG.name, start,
                          args.output_dir)
         return evaluate_checkpoint(args, info) if args.eval else finetune(args, info)
-    except ConfigError as error:
-        parser.error(str(error))
-    except (NonFiniteLossError, CheckpointError, UnreadableDatasetError, OutputWriteError) as error:
-        _logger.error("%s", error)
-        sys.exit(1)
-    finally:
-        destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -27,16 +27,15 @@ from typing import Optional, Sequence
 import torch
 
 import fcmae
-from engine.checkpoint import (CheckpointError, OutputWriteError, latest_valid_checkpoint, load_checkpoint,
-                               save_checkpoint, save_safetensors)
+from engine.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint, save_safetensors
+from engine.cli import cli_errors, parse_and_validate
 from engine.config import (ConfigError, Check, TRAINING_CHECKS, add_training_arguments, check_output_folders,
-                           config_dict, parse_args, save_config, validate)
-from engine.data import (EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, UnreadableDatasetError, build_image_folder, build_loader,
-                         pretrain_transform)
+                           config_dict, save_config)
+from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, build_loader, pretrain_transform
 from engine.distributed import (DistributedInfo, all_reduce_mean, broadcast_object, check_replicas_identical,
-                                destroy_distributed, get_world_size, init_distributed, wrap_ddp)
+                                get_world_size, init_distributed, wrap_ddp)
 from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
-from engine.loop import GradientStepper, NonFiniteLossError, Step, train_one_epoch, updates_per_epoch
+from engine.loop import GradientStepper, Step, train_one_epoch, updates_per_epoch
 from engine.optim import build_adamw, effective_batch_size, scaled_lr
 from engine.schedule import build_lr_scheduler
 from engine.seeding import (capture_rng_state, configure_determinism, derive_seed, generator, restore_rng_state,
@@ -256,26 +255,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if demo:
         argv = ["--config", str(DEMO_CONFIG)]
     parser = build_parser()
-    args = parse_args(parser, argv, exclusive=[("lr", "blr")])
-    try:
-        validate(args, TRAINING_CHECKS + PRETRAIN_CHECKS)
-    except ConfigError as error:
-        parser.error(str(error))
+    args = parse_and_validate(parser, argv, TRAINING_CHECKS + PRETRAIN_CHECKS)
     info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
-    try:
+    with cli_errors(parser):
         if info.is_main:
             check_output_folders(args)
         setup_logging(info.rank, Path(args.output_dir) / "train.log")
         if demo:
             _logger.info("No arguments: demonstration run with %s, writing to %s", DEMO_CONFIG.name, args.output_dir)
         return pretrain(args, info)
-    except ConfigError as error:
-        parser.error(str(error))
-    except (NonFiniteLossError, CheckpointError, UnreadableDatasetError, OutputWriteError) as error:
-        _logger.error("%s", error)
-        sys.exit(1)
-    finally:
-        destroy_distributed()
 
 
 if __name__ == "__main__":

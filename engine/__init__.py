@@ -10,6 +10,7 @@
 * ``optim``        AdamW without weight decay on norms, biases, GRN and ``no_weight_decay()`` names.
 * ``loop``         ``train_one_epoch`` with a caller-supplied loss; AMP, accumulation, clipping.
 * ``data``         ImageFolder that skips unreadable files, embedded photos, distributed loader.
+* ``cli``          parse + validate, and exit codes for faults (2: configuration, 1: the run).
 
 Modules that import timm or torchvision import ``models`` first (its torchvision guard).
 """
