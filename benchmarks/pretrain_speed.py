@@ -61,19 +61,21 @@ def minkowski_available() -> bool:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["atto", "tiny"],
-                        help="sizes (atto, tiny, ...) or full convnextv2_<size> names")
-    parser.add_argument("--input-size", type=int, default=224, help="square input side, a multiple of 32")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32])
-    parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.4, 0.6, 0.75])
+                        help="sizes (atto, tiny, ...) or convnextv2_<size> names (default: %(default)s)")
+    parser.add_argument("--input-size", type=int, default=224,
+                        help="square input side, a multiple of 32 (default: %(default)s)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32], help="(default: %(default)s)")
+    parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.4, 0.6, 0.75],
+                        help="(default: %(default)s)")
     parser.add_argument("--backends", nargs="+", choices=MODES, default=None,
                         help="modes to time (default: all; minkowski only when MinkowskiEngine imports)")
-    parser.add_argument("--steps", type=int, default=3, help="training steps per timed repeat")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode before its first repeat")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per mode; the median is reported")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per timed repeat (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed steps per mode before its first repeat (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats per mode; the median is reported (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per mode (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     parser.add_argument("--amp", choices=["none", "bf16"], default=None,
@@ -276,7 +278,8 @@ class Worker:
 
     def describe(self) -> str:
         case = self.case
-        return f"{case['model']} {case['input_size']}px batch {case['batch_size']} mask {case['mask_ratio']} {case['mode']}"
+        return (f"{case['model']} {case['input_size']}px batch {case['batch_size']} "
+                f"mask {case['mask_ratio']} {case['mode']}")
 
 
 def worker_context():
@@ -341,7 +344,7 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(args: argparse.Namespace) -> dict:
+def machine_info(args: argparse.Namespace, argv: list[str]) -> dict:
     device = torch.device(args.device)
     return {
         "cpu": cpu_model_name(),
@@ -352,7 +355,7 @@ def machine_info(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "amp": args.amp,
-        "command": "python -m benchmarks.pretrain_speed " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmarks.pretrain_speed " + shlex.join(argv),
     }
 
 
@@ -392,15 +395,18 @@ def format_report(info: dict, results: list[dict]) -> str:
         "One training step = forward, backward and AdamW step; images/s is the median over repeats timed "
         "round-robin. dense = timm ConvNeXt V2 with a 1000-class head and cross-entropy (no masking), timed "
         f"alongside each comparison. Peak memory: {memory}. FLOPs are counted by torch.utils.flop_counter "
-        "(matmuls and convolutions); step FLOPs = forward + backward of the whole model (FCMAE: encoder, decoder, "
-        "loss). Ideal speed-up = masked step FLOPs / this mode's; share of ideal = (vs masked) / ideal.",
+        "(matmuls and convolutions, grouped-conv backward corrected), so arithmetic outside those ops is not "
+        "counted (minkowski's depthwise sums); step FLOPs = forward + backward of the whole model (FCMAE: "
+        "encoder, decoder, loss). Ideal speed-up = masked step FLOPs / this mode's; "
+        "share of ideal = (vs masked) / ideal.",
     ]
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    info = machine_info(args)
+    info = machine_info(args, argv)
     results = []
     for model_name in args.models:
         for batch_size in args.batch_sizes:
