@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import fcmae
 import models
-from engine.config import ConfigError
+from engine.config import ConfigError, parse_args, validate
 from engine.loop import GradientStepper
 from finetune.data import build_datasets, check_same_classes
 from finetune.ema import EmaGradientStepper, build_model_ema
@@ -214,7 +214,7 @@ OFFICIAL_RECIPES = {  # DESIGN.md section 5: blr, epochs, warmup, decay type, la
 @pytest.mark.parametrize("size", list(OFFICIAL_RECIPES))
 def test_config_files_hold_the_official_recipes(size):
     script = load_finetune_script()
-    args = script.parse_args(script.build_parser(), ["--config", str(REPO_ROOT / "configs" / f"finetune_{size}.yaml")])
+    args = parse_args(script.build_parser(), ["--config", str(REPO_ROOT / "configs" / f"finetune_{size}.yaml")])
     recipe = (args.blr, args.epochs, args.warmup_epochs, args.layer_decay_type, args.layer_decay, args.weight_decay,
               args.drop_path, args.mixup, args.cutmix, args.smoothing)
     assert recipe == OFFICIAL_RECIPES[size]
@@ -226,7 +226,7 @@ def test_config_files_hold_the_official_recipes(size):
 @pytest.mark.parametrize("size", ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge", "demo"])
 def test_every_config_file_is_valid_for_its_model(size):
     script = load_finetune_script()
-    args = script.parse_args(script.build_parser(), ["--config", str(REPO_ROOT / "configs" / f"finetune_{size}.yaml")])
-    script.validate(args, script.TRAINING_CHECKS + script.FINETUNE_CHECKS)
+    args = parse_args(script.build_parser(), ["--config", str(REPO_ROOT / "configs" / f"finetune_{size}.yaml")])
+    validate(args, script.TRAINING_CHECKS + script.FINETUNE_CHECKS)
     assert args.model == f"convnextv2_{'atto' if size == 'demo' else size}"
     assert args.layer_decay_type == ("group" if models.MODEL_CONFIGS[args.model][0] == (3, 3, 27, 3) else "single")
