@@ -31,3 +31,19 @@ def randomize_grn(module: torch.nn.Module, std: float = 0.5) -> None:
         if ".grn." in name:
             with torch.no_grad():
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: the parity measure of the backend tests."""
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def output_and_gradients(encoder, backend: str, images: torch.Tensor, mask: torch.Tensor):
+    """Run ``encoder`` with ``backend``: its output and the parameter gradients of a fixed
+    random projection of that output."""
+    encoder.backend = backend
+    encoder.zero_grad()
+    out = encoder(images, mask)
+    projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    (out * projection).sum().backward()
+    return out.detach(), {name: param.grad.clone() for name, param in encoder.named_parameters()}

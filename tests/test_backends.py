@@ -5,30 +5,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fcmae import random_masking
 from models import SparseConvNeXtV2, create_dense_model
-from tests.conftest import randomize_grn
+from tests.conftest import output_and_gradients, randomize_grn, relative_error
 
 PURE_TORCH_BACKENDS = ["sparse", "masked"]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
 def build_encoder(model_name="convnextv2_atto", backend="sparse"):
     encoder = SparseConvNeXtV2(model_name, backend=backend)
     randomize_grn(encoder)
     return encoder
-
-
-def run_backend(encoder, backend, images, mask):
-    """Output and parameter gradients of a fixed random projection of the output."""
-    encoder.backend = backend
-    encoder.zero_grad()
-    out = encoder(images, mask)
-    projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    (out * projection).sum().backward()
-    grads = {name: param.grad.clone() for name, param in encoder.named_parameters()}
-    return out.detach(), grads
 
 
 @pytest.mark.parametrize("backend, model_name", [("sparse", "convnextv2_atto"), ("masked", "convnextv2_atto"),
@@ -54,8 +39,8 @@ def test_sparse_and_masked_backends_agree_on_outputs_and_gradients(model_name, s
     images = torch.randn(2, 3, *size)
     cells = (size[0] // 32) * (size[1] // 32)
     mask = random_masking(2, cells, 0.6, generator=torch.Generator().manual_seed(3))
-    masked_out, masked_grads = run_backend(encoder, "masked", images, mask)
-    sparse_out, sparse_grads = run_backend(encoder, "sparse", images, mask)
+    masked_out, masked_grads = output_and_gradients(encoder, "masked", images, mask)
+    sparse_out, sparse_grads = output_and_gradients(encoder, "sparse", images, mask)
     assert relative_error(sparse_out, masked_out) < 1e-5
     for name, grad in masked_grads.items():
         err = relative_error(sparse_grads[name], grad)

@@ -7,7 +7,7 @@ import torch
 from fcmae import random_masking
 from models import SparseConvNeXtV2
 from models.backends.minkowski import import_minkowski
-from tests.conftest import randomize_grn
+from tests.conftest import output_and_gradients, randomize_grn, relative_error
 
 try:
     import_minkowski()
@@ -18,20 +18,6 @@ except ImportError:
 needs_minkowski = pytest.mark.skipif(
     MINKOWSKI_MISSING, reason="MinkowskiEngine is not installed (bash scripts/install_minkowski.sh)"
 )
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
-
-
-def output_and_gradients(encoder, backend, images, mask):
-    """Output and parameter gradients of a fixed random projection of the output."""
-    encoder.backend = backend
-    encoder.zero_grad()
-    out = encoder(images, mask)
-    projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    (out * projection).sum().backward()
-    return out.detach(), {name: param.grad.clone() for name, param in encoder.named_parameters()}
 
 
 @needs_minkowski
