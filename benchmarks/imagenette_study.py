@@ -343,18 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "fcmae-study",
                         help="decoded image tensors and the FCMAE encoder export")
     parser.add_argument("--model", default="convnextv2_atto")
-    parser.add_argument("--input-size", type=int, default=96, help="pixels, a multiple of 32")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--pretrain-epochs", type=int, default=1)
-    parser.add_argument("--pretrain-images", type=int, default=5000,
+    parser.add_argument("--input-size", type=int, default=128, help="pixels, a multiple of 32")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--pretrain-epochs", type=int, default=25)
+    parser.add_argument("--pretrain-images", type=int, default=0,
                         help="random train images pretrained on, labels unused (0: the whole train split)")
-    parser.add_argument("--finetune-epochs", type=int, default=5, help="over the labelled subset, both arms")
+    parser.add_argument("--finetune-epochs", type=int, default=20, help="over the labelled subset, both arms")
     parser.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs over cached features")
-    parser.add_argument("--labelled-per-class", type=int, default=20,
+    parser.add_argument("--labelled-per-class", type=int, default=100,
                         help="train images per class for fine-tuning and probes (0: all)")
-    parser.add_argument("--val-per-class", type=int, default=50, help="val images per class evaluated (0: all)")
+    parser.add_argument("--val-per-class", type=int, default=0, help="val images per class evaluated (0: all)")
     parser.add_argument("--mask-ratio", type=float, default=0.6)
-    parser.add_argument("--pretrain-blr", type=float, default=6e-3, help="lr = blr * batch / 256")
+    parser.add_argument("--pretrain-blr", type=float, default=1.2e-2, help="lr = blr * batch / 256")
     parser.add_argument("--finetune-blr", type=float, default=8e-3, help="lr = blr * batch / 256, both arms")
     parser.add_argument("--layer-decay", type=float, default=0.9, help="single layer decay, both arms")
     parser.add_argument("--weight-decay", type=float, default=0.05)

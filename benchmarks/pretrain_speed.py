@@ -102,14 +102,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--batch-sizes, --steps and --repeats must be >= 1, --warmup >= 0")
     if args.backends is None:
         args.backends = [mode for mode in MODES if mode != "minkowski" or minkowski_available()]
-    elif "minkowski" in args.backends and not minkowski_available():
+    resolve_backends_and_device(parser, args)
+    return args
+
+
+def resolve_backends_and_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check ``args.backends`` can run; fill in ``args.device`` (cuda when available) and ``args.amp``
+    (bf16 on CUDA, none on CPU) where not given. Shared with benchmarks.profile_step."""
+    if "minkowski" in args.backends and not minkowski_available():
         parser.error("--backends minkowski: MinkowskiEngine is not importable; build it with "
                      "`bash scripts/install_minkowski.sh` or leave minkowski out")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
-    return args
 
 
 def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,

@@ -30,3 +30,20 @@ def test_speed_benchmark_smoke_mode_prints_table(tmp_path):
         assert sparse < masked, f"{flops}: sparse {sparse} should be below masked {masked}"
     assert rows["masked"]["vs masked"] == "1.00x"
     assert parse_markdown_table(output.read_text()) == parse_markdown_table(run.stdout), "--output differs from stdout"
+
+
+def test_profile_smoke_mode_splits_the_step_into_phases_and_operators():
+    from benchmarks.profile_step import PHASES, main
+
+    results = {result["mode"]: result for result in main(["--smoke", "--backends", "sparse", "dense", "--top", "4"])}
+    assert set(results) == {"sparse", "dense"}
+    for mode, result in results.items():
+        phases = result["phases_ms"]
+        assert set(phases) == set(PHASES)
+        assert all(phases[phase] > 0 for phase in PHASES), f"{mode}: a phase took no time: {phases}"
+        assert result["step_ms"] == sum(phases.values())
+        operators = result["operators_ms"]
+        assert len(operators) == 4 and all(name.startswith("aten::") for name in operators)
+        assert list(operators.values()) == sorted(operators.values(), reverse=True), f"{mode}: not sorted"
+        assert sum(operators.values()) <= result["operator_total_ms"] <= 1.05 * result["step_ms"], (
+            f"{mode}: operator self times {result['operator_total_ms']} ms exceed the step {result['step_ms']} ms")
