@@ -21,7 +21,7 @@ Outputs in ``--output-dir``: ``study.json`` (numbers and settings), ``study.md``
 ``pretrain_loss.png`` (needs matplotlib), ``reconstructions.png``; ``study_run.log`` repeats
 the progress lines. The encoder export goes to ``--cache-dir``.
 
-    python benchmarks/imagenette_study.py                      # the full study: ~1 h on 2 busy CPU cores
+    python benchmarks/imagenette_study.py                      # the published study: 1 h 20 min on 2 CPU cores
     nohup python benchmarks/imagenette_study.py > study.log 2>&1 &
     python benchmarks/imagenette_study.py --smoke --output-dir /tmp/s --cache-dir /tmp/s   # seconds
 """
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", type=Path, default=None,
                         help=f"folder with train/ and val/ class folders (default: {DEFAULT_DATA_ROOT}; "
                              "with --smoke: a synthetic folder)")
-    parser.add_argument("--output-dir", type=Path, default=Path("docs/results"))
+    parser.add_argument("--output-dir", type=Path, default=Path("docs/results/imagenette_atto_128px"))
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "fcmae-study",
                         help="decoded image tensors and the FCMAE encoder export")
     parser.add_argument("--model", default="convnextv2_atto")
