@@ -31,7 +31,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.checkpoint import atomic_write, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from engine.checkpoint import (atomic_write, latest_valid_checkpoint, load_checkpoint, save_checkpoint,
+                               warn_if_run_layout_differs)
 from engine.cli import cli_errors, parse_and_validate
 from engine.config import (Check, ConfigError, TRAINING_CHECKS, add_training_arguments, check_output_folders,
                            config_dict, save_config)
@@ -209,6 +210,7 @@ def resume(args, model, optimizer, stepper, ema, classes, num_classes, info: Dis
         return 0, {}
     state = load_checkpoint(path, ("model", "epoch", "optimizer"))
     check_checkpoint_fits(path, state, args.model, num_classes, classes)
+    warn_if_run_layout_differs(path, state, args.num_workers, info.world_size)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     stepper.load_state_dict(state.get("stepper", {}))
@@ -319,7 +321,8 @@ def finetune(args: argparse.Namespace, info: DistributedInfo) -> dict:
         if info.is_main and (epochs_done % args.save_ckpt_freq == 0 or epochs_done == args.epochs):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "stepper": stepper.state_dict(), "epoch": epochs_done, "config": config_dict(args),
-                     "rng": capture_rng_state(), "classes": classes, "best": best}
+                     "rng": capture_rng_state(), "classes": classes, "best": best,
+                     "world_size": info.world_size}
             if ema is not None:
                 state["model_ema"] = ema.module.state_dict()
             save_checkpoint(state, output_dir, epochs_done, args.save_ckpt_num)

@@ -27,7 +27,8 @@ from typing import Optional, Sequence
 import torch
 
 import fcmae
-from engine.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint, save_safetensors
+from engine.checkpoint import (latest_valid_checkpoint, load_checkpoint, save_checkpoint, save_safetensors,
+                               warn_if_run_layout_differs)
 from engine.cli import cli_errors, parse_and_validate
 from engine.config import (ConfigError, Check, TRAINING_CHECKS, add_training_arguments, check_output_folders,
                            config_dict, save_config)
@@ -139,6 +140,7 @@ def resume(args, model, optimizer, stepper, info: DistributedInfo) -> int:
     if saved_model is not None and saved_model != args.model:
         raise ConfigError(f"--model {args.model}: checkpoint {path} holds a {saved_model}; "
                           f"use --model {saved_model} or another --output_dir")
+    warn_if_run_layout_differs(path, state, args.num_workers, info.world_size)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     stepper.load_state_dict(state.get("stepper", {}))
@@ -152,7 +154,8 @@ def save_outputs(args, model, optimizer, stepper, epochs_done: int, visuals, ten
     """Checkpoint, encoder export and reconstruction grid (rank 0 only)."""
     output_dir = Path(args.output_dir)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stepper": stepper.state_dict(),
-             "epoch": epochs_done, "config": config_dict(args), "rng": capture_rng_state()}
+             "epoch": epochs_done, "config": config_dict(args), "rng": capture_rng_state(),
+             "world_size": get_world_size()}
     path = save_checkpoint(state, output_dir, epochs_done, args.save_ckpt_num)
     save_safetensors(model.encoder.state_dict(), output_dir / ENCODER_EXPORT,
                      {"model_name": args.model, "format": "timm", "epochs": str(epochs_done)})

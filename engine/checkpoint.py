@@ -14,6 +14,8 @@
 * ``latest_valid_checkpoint(output_dir)`` -> (path, state) | None: the newest loadable one; each
   truncated or corrupt newer file is reported in a warning naming it.
 * ``save_safetensors(state_dict, path, metadata)``: atomic safetensors export (e.g. the encoder).
+* ``warn_if_run_layout_differs(path, state, num_workers, world_size)``: a resumed run continues
+  bitwise only with the original ``--num_workers`` and world size; a warning names what differs.
 
 State is plain data (tensors, numbers, strings, lists, dicts) so nothing in a file can run code;
 ``seeding.capture_rng_state`` provides the RNG part in that form.
@@ -145,3 +147,23 @@ def save_safetensors(
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
     payload = safetensors_bytes(tensors, metadata=dict(metadata) if metadata else None)
     return atomic_write(path, lambda file: file.write(payload))
+
+
+def warn_if_run_layout_differs(path: str | os.PathLike, state: Mapping[str, Any], num_workers: int,
+                               world_size: int) -> list[str]:
+    """Compare the ``--num_workers`` and world size a checkpoint was written with (``state["config"]``
+    and ``state["world_size"]``; absent in older files: not compared) with this run's; log one
+    warning naming each difference and return them. Training resumes either way, but the data
+    order and augmentations (and, with another world size, the effective batch, hence the lr and
+    the updates per epoch) no longer match an uninterrupted run."""
+    saved = {"--num_workers": state.get("config", {}).get("num_workers"), "world size": state.get("world_size")}
+    current = {"--num_workers": num_workers, "world size": world_size}
+    differences = [f"{name} {saved[name]} -> {current[name]}" for name in current
+                   if saved[name] is not None and saved[name] != current[name]]
+    if differences:
+        _logger.warning("resuming %s with %s: training continues, but not as the uninterrupted run would "
+                        "(data order and augmentations differ%s); resume with the original values to continue "
+                        "exactly", path, ", ".join(differences),
+                        "; the effective batch, lr and updates per epoch change" if "world size" in
+                        " ".join(differences) else "")
+    return differences

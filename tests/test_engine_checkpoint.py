@@ -94,3 +94,13 @@ def test_derived_seeds_depend_on_every_index():
     assert len(seeds) == 18
     assert derive_seed(5, 1, 2) == derive_seed(5, 1, 2) != derive_seed(5, 2, 1)
     assert all(0 <= seed < 2**63 for seed in seeds)
+
+
+def test_resume_layout_differences_are_named_and_older_files_are_not_compared(caplog):
+    state = {"config": {"num_workers": 4}, "world_size": 8}
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.warn_if_run_layout_differs("ck.pth", state, 4, 8) == []
+        assert caplog.text == ""
+        assert ckpt.warn_if_run_layout_differs("ck.pth", state, 2, 1) == ["--num_workers 4 -> 2", "world size 8 -> 1"]
+    assert "effective batch, lr and updates per epoch change" in caplog.text
+    assert ckpt.warn_if_run_layout_differs("old.pth", {"config": {}}, 2, 1) == []  # written before the layout was saved

@@ -47,7 +47,8 @@ def test_each_epoch_logs_training_and_validation_metrics(finetuned):
 
 def test_training_checkpoint_holds_everything_to_resume(finetuned):
     state = load_checkpoint(finetuned["output"] / f"checkpoint-{EPOCHS}.pth")
-    assert {"model", "model_ema", "optimizer", "stepper", "rng", "classes", "best", "config"} <= set(state)
+    assert {"model", "model_ema", "optimizer", "stepper", "rng", "classes", "best", "config", "world_size"} <= set(state)
+    assert state["world_size"] == 1  # compared on resume with the resuming run's (a warning names a difference)
     assert state["classes"] == ["blue", "green", "red", "yellow"]
     assert state["model"]["head.fc.weight"].shape == (4, 320)
     assert state["best"]["model"]["acc1"] == finetuned["best"]["model"]["acc1"]

@@ -177,3 +177,18 @@ def test_non_finite_loss_exits_with_advice_and_keeps_the_last_checkpoint(tmp_pat
     assert "loss is inf at epoch 1 iteration 0" in caplog.text and "--clip_grad" in caplog.text
     assert [p.name for p in (tmp_path / "out").glob("checkpoint-*.pth")] == ["checkpoint-1.pth"]
     assert load_checkpoint(tmp_path / "out" / "checkpoint-1.pth")["epoch"] == 1
+
+
+def test_resume_with_other_num_workers_warns_and_still_resumes(tiny_run, tmp_path, caplog):
+    output, _ = tiny_run
+    checkpoint = output / "checkpoint-2.pth"
+    assert torch.load(checkpoint, weights_only=True)["world_size"] == 1
+    with caplog.at_level(logging.INFO):
+        pretrain.main(tiny_args(output.parent / "data", tmp_path / "same", "--resume", str(checkpoint)))
+    assert "training continues, but not as the uninterrupted run" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        pretrain.main(tiny_args(output.parent / "data", tmp_path / "other", "--resume", str(checkpoint),
+                                "--num_workers", "1"))
+    assert f"resuming {checkpoint} with --num_workers 0 -> 1: training continues" in caplog.text
+    assert "resumed from" in caplog.text
