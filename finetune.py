@@ -31,18 +31,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.checkpoint import (atomic_write, latest_valid_checkpoint, load_checkpoint, save_checkpoint,
-                               warn_if_run_layout_differs)
+from engine.checkpoint import (atomic_write, find_resume_checkpoint, latest_valid_checkpoint, restore_training_state,
+                               save_checkpoint)
 from engine.cli import cli_errors, parse_and_validate
 from engine.config import (Check, ConfigError, TRAINING_CHECKS, add_training_arguments, check_output_folders,
                            config_dict, save_config)
 from engine.data import build_loader
-from engine.distributed import DistributedInfo, broadcast_object, init_distributed, wrap_ddp
+from engine.distributed import DistributedInfo, init_distributed, wrap_ddp
 from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
 from engine.loop import Step, train_one_epoch, updates_per_epoch
 from engine.optim import build_adamw, effective_batch_size, scaled_lr
 from engine.schedule import build_lr_scheduler
-from engine.seeding import capture_rng_state, configure_determinism, derive_seed, restore_rng_state, seed_everything
+from engine.seeding import capture_rng_state, configure_determinism, derive_seed, seed_everything
 from finetune.data import build_datasets, check_same_classes
 from finetune.ema import EmaGradientStepper, build_model_ema
 from finetune.evaluate import evaluate
@@ -202,26 +202,17 @@ def resume(args, model, optimizer, stepper, ema, classes, num_classes, info: Dis
     """Load --resume, or the newest valid checkpoint with --auto_resume.
 
     Returns (epochs completed, best results so far: {"model": {...}, "ema": {...}})."""
-    path = args.resume
-    if path is None and args.auto_resume:
-        found = latest_valid_checkpoint(args.output_dir) if info.is_main else None
-        path = broadcast_object(str(found[0]) if found else None)  # every rank reads the same file
-    if path is None:
+    found = find_resume_checkpoint(args, info)
+    if found is None:
         return 0, {}
-    state = load_checkpoint(path, ("model", "epoch", "optimizer"))
+    path, state = found
     check_checkpoint_fits(path, state, args.model, num_classes, classes)
-    warn_if_run_layout_differs(path, state, args.num_workers, info.world_size)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    stepper.load_state_dict(state.get("stepper", {}))
+    restore_training_state(path, state, model, optimizer, stepper, args.num_workers, info.world_size)
     if ema is not None:
         if "model_ema" in state:
             ema.module.load_state_dict(state["model_ema"])
         else:
             ema.set(model)
-    if "rng" in state:
-        restore_rng_state(state["rng"])
-    _logger.info("resumed from %s (%d epochs completed)", path, state["epoch"])
     return int(state["epoch"]), state.get("best", {})
 
 

@@ -27,20 +27,18 @@ from typing import Optional, Sequence
 import torch
 
 import fcmae
-from engine.checkpoint import (latest_valid_checkpoint, load_checkpoint, save_checkpoint, save_safetensors,
-                               warn_if_run_layout_differs)
+from engine.checkpoint import find_resume_checkpoint, restore_training_state, save_checkpoint, save_safetensors
 from engine.cli import cli_errors, parse_and_validate
 from engine.config import (ConfigError, Check, TRAINING_CHECKS, add_training_arguments, check_output_folders,
                            config_dict, save_config)
 from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, build_loader, pretrain_transform
-from engine.distributed import (DistributedInfo, all_reduce_mean, broadcast_object, check_replicas_identical,
+from engine.distributed import (DistributedInfo, all_reduce_mean, check_replicas_identical,
                                 get_world_size, init_distributed, wrap_ddp)
 from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
 from engine.loop import GradientStepper, Step, train_one_epoch, updates_per_epoch
 from engine.optim import build_adamw, effective_batch_size, scaled_lr
 from engine.schedule import build_lr_scheduler
-from engine.seeding import (capture_rng_state, configure_determinism, derive_seed, generator, restore_rng_state,
-                            seed_everything)
+from engine.seeding import capture_rng_state, configure_determinism, derive_seed, generator, seed_everything
 from fcmae.visualize import save_png, visualize_reconstructions
 from models import BACKENDS
 
@@ -129,24 +127,15 @@ def visual_batch(dataset, args: argparse.Namespace, device: torch.device) -> tup
 
 def resume(args, model, optimizer, stepper, info: DistributedInfo) -> int:
     """Load --resume, or the newest valid checkpoint with --auto_resume; returns epochs completed."""
-    path = args.resume
-    if path is None and args.auto_resume:
-        found = latest_valid_checkpoint(args.output_dir) if info.is_main else None
-        path = broadcast_object(str(found[0]) if found else None)  # every rank reads the same file
-    if path is None:
+    found = find_resume_checkpoint(args, info)
+    if found is None:
         return 0
-    state = load_checkpoint(path)
+    path, state = found
     saved_model = state.get("config", {}).get("model")
     if saved_model is not None and saved_model != args.model:
         raise ConfigError(f"--model {args.model}: checkpoint {path} holds a {saved_model}; "
                           f"use --model {saved_model} or another --output_dir")
-    warn_if_run_layout_differs(path, state, args.num_workers, info.world_size)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    stepper.load_state_dict(state.get("stepper", {}))
-    if "rng" in state:
-        restore_rng_state(state["rng"])
-    _logger.info("resumed from %s (%d epochs completed)", path, state["epoch"])
+    restore_training_state(path, state, model, optimizer, stepper, args.num_workers, info.world_size)
     return int(state["epoch"])
 
 

@@ -350,7 +350,8 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(args: argparse.Namespace, argv: list[str]) -> dict:
+def machine_info(args: argparse.Namespace, argv: list[str], script: str = "benchmarks.pretrain_speed") -> dict:
+    """The machine, torch and settings a table was measured with; ``script``: the module run with ``argv``."""
     device = torch.device(args.device)
     return {
         "cpu": cpu_model_name(),
@@ -361,7 +362,7 @@ def machine_info(args: argparse.Namespace, argv: list[str]) -> dict:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "amp": args.amp,
-        "command": "python -m benchmarks.pretrain_speed " + shlex.join(argv),
+        "command": f"python -m {script} " + shlex.join(argv),
     }
 
 

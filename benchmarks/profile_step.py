@@ -16,7 +16,6 @@ warm-up and prints two markdown tables:
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -156,8 +155,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    info = machine_info(argparse.Namespace(device=args.device, threads=args.threads, amp=args.amp), [])
-    info["command"] = "python -m benchmarks.profile_step " + shlex.join(argv)
+    info = machine_info(args, argv, "benchmarks.profile_step")
     results = [profile_mode(mode, args) for mode in args.backends]
     report = format_report(info, args, results)
     print(report)

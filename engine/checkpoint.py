@@ -14,8 +14,11 @@
 * ``latest_valid_checkpoint(output_dir)`` -> (path, state) | None: the newest loadable one; each
   truncated or corrupt newer file is reported in a warning naming it.
 * ``save_safetensors(state_dict, path, metadata)``: atomic safetensors export (e.g. the encoder).
-* ``warn_if_run_layout_differs(path, state, num_workers, world_size)``: a resumed run continues
-  bitwise only with the original ``--num_workers`` and world size; a warning names what differs.
+* ``find_resume_checkpoint(args, info)`` -> (path, state) | None: ``--resume``, else with
+  ``--auto_resume`` the newest valid checkpoint in ``--output_dir`` (the same file on every rank).
+* ``restore_training_state(path, state, model, optimizer, stepper, num_workers, world_size)``:
+  weights, optimizer, stepper and RNG back in place; a resumed run continues bitwise only with the
+  original ``--num_workers`` and world size, so ``warn_if_run_layout_differs`` names what differs.
 
 State is plain data (tensors, numbers, strings, lists, dicts) so nothing in a file can run code;
 ``seeding.capture_rng_state`` provides the RNG part in that form.
@@ -32,10 +35,14 @@ from typing import IO, Any, Callable, Iterable, Mapping, Optional
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from engine.distributed import broadcast_object
+from engine.seeding import restore_rng_state
+
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pth$")
 REQUIRED_KEYS = ("model", "epoch")
+TRAINING_KEYS = (*REQUIRED_KEYS, "optimizer")  # what resuming a training run reads
 
 
 class CheckpointError(RuntimeError):
@@ -167,3 +174,28 @@ def warn_if_run_layout_differs(path: str | os.PathLike, state: Mapping[str, Any]
                         "; the effective batch, lr and updates per epoch change" if "world size" in
                         " ".join(differences) else "")
     return differences
+
+
+def find_resume_checkpoint(args, info) -> Optional[tuple[str, dict[str, Any]]]:
+    """(path, state) to resume from: ``args.resume``, else with ``args.auto_resume`` the newest valid
+    checkpoint in ``args.output_dir``, chosen on rank 0 so every rank reads the same file; None if none."""
+    path = args.resume
+    if path is None and args.auto_resume:
+        found = latest_valid_checkpoint(args.output_dir) if info.is_main else None
+        path = broadcast_object(str(found[0]) if found else None)
+    if path is None:
+        return None
+    return str(path), load_checkpoint(path, TRAINING_KEYS)
+
+
+def restore_training_state(path: str, state: Mapping[str, Any], model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, stepper, num_workers: int, world_size: int) -> None:
+    """Put a checkpoint's model, optimizer, stepper (``load_state_dict``) and RNG state back, after
+    warning if it was written with another ``--num_workers`` or world size."""
+    warn_if_run_layout_differs(path, state, num_workers, world_size)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    stepper.load_state_dict(state.get("stepper", {}))
+    if "rng" in state:
+        restore_rng_state(state["rng"])
+    _logger.info("resumed from %s (%d epochs completed)", path, state["epoch"])
