@@ -2,7 +2,7 @@
 
 Every parameter gets a layer id; its learning rate is scaled by
 ``layer_decay ** (num_layers + 1 - layer_id)``, so the head trains at the full rate and the
-stem at the smallest. Two assignments, those of the official recipes (DESIGN.md section 5):
+stem at the smallest. Two assignments, those of the official recipes (docs/RECIPES.md):
 
 * ``single`` (``num_layers = sum(depths)``): one id per block. The stem and the downsample
   before stage ``i`` share the id ``sum(depths[:i]) + 1`` with the first block of stage ``i``;

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Build and install MinkowskiEngine 0.5.4 (CPU only) against the installed torch.
 #
-# MinkowskiEngine is the optional backend of the sparse encoder (DESIGN.md section 4;
-# README, "MinkowskiEngine backend"). Its last release cannot be installed by pip (its
+# MinkowskiEngine is the optional backend of the sparse encoder (README,
+# "MinkowskiEngine backend"). Its last release cannot be installed by pip (its
 # setup.py imports torch while pip prepares metadata) and does not import on Python >= 3.10
 # as published, so this script fetches the sdist, verifies its hash, patches it, builds a
-# wheel once (about 6 minutes on 2 cores) and caches it. With the wheel cached, a re-run is a
+# wheel once (9-10 minutes on 2 cores) and caches it. With the wheel cached, a re-run is a
 # plain `pip install --no-deps` of it; torch is never touched by pip.
 #
 # Usage:   bash scripts/install_minkowski.sh
@@ -87,7 +87,7 @@ else
     "$PYTHON" -m pip install -q --disable-pip-version-check --target "$WORK_DIR/build-tools" "setuptools<81" wheel >&2 ||
         die "could not fetch setuptools<81 and wheel with pip."
 
-    log "compiling (CPU only, OpenBLAS, MAX_JOBS=${MAX_JOBS:-$(nproc)}); this takes several minutes"
+    log "compiling (CPU only, OpenBLAS, MAX_JOBS=${MAX_JOBS:-$(nproc)}); this takes 9-10 minutes on 2 cores"
     BUILD_START=$SECONDS
     (cd "$SRC_DIR" && PYTHONPATH="$WORK_DIR/build-tools" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
         "$PYTHON" setup.py bdist_wheel --cpu_only --blas=openblas -d "$WORK_DIR/dist") >"$WORK_DIR/build.log" 2>&1 ||
