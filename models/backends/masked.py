@@ -11,7 +11,8 @@ import torch
 from .common import block_pointwise, upsample_mask
 
 
-def encode(encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -> torch.Tensor:
+    """(N, C, H/32, W/32) features; ``keep_count`` is unused: the work is dense whatever is hidden."""
     grid_size = (images.shape[2] // 32, images.shape[3] // 32)
     features = encoder.stem(images)
     for stage_index, stage in enumerate(encoder.stages):
