@@ -81,6 +81,11 @@ class FCMAE(nn.Module):
                     trunc_normal_(layer.weight, std=0.02)
                     nn.init.zeros_(layer.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoder's blocks in the backward pass (see ``SparseConvNeXtV2``); the
+        one-block decoder on the final-stage grid is small and keeps its activations."""
+        self.encoder.set_grad_checkpointing(enable)
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay beyond 1-D tensors (timm's convention)."""
         return {"mask_token"}

@@ -49,6 +49,12 @@ class SparseConvNeXtV2(nn.Module):
         self.stem = dense.stem
         self.stages = dense.stages
         self.backend = backend
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations (timm's name):
+        activation memory drops to about the blocks' inputs, at the cost of a second forward of the blocks."""
+        self.grad_checkpointing = enable
 
     @property
     def backend(self) -> str:
@@ -56,8 +62,8 @@ class SparseConvNeXtV2(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+        # resolved here, not per forward: torch.compile cannot trace an import
+        self._encode = get_backend(name)
         self._backend = name
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, keep_count: Optional[int] = None) -> torch.Tensor:
@@ -78,7 +84,7 @@ class SparseConvNeXtV2(nn.Module):
             keep_count = read_keep_count(mask)
         elif not 1 <= keep_count <= num_cells:
             raise ValueError(f"keep_count must be in [1, {num_cells}] for {num_cells} cells, got {keep_count}")
-        return get_backend(self.backend)(self, images, mask, keep_count)
+        return self._encode(self, images, mask, keep_count)
 
 
 def check_mask_shape(images: torch.Tensor, mask: torch.Tensor) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import block_pointwise, upsample_mask
+from .common import block_pointwise, run_block, upsample_mask
 
 
 def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -> torch.Tensor:
@@ -21,7 +21,7 @@ def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -
             features = stage.downsample(features)
         features = features * visible
         for block in stage.blocks:
-            features = masked_block(block, features, visible)
+            features = run_block(encoder, masked_block, block, features, visible)
     return features
 
 

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from .common import block_pointwise, layer_norm
+from .common import block_pointwise, layer_norm, run_block
 from .sparse import gather_tokens, scatter_tokens, visible_indices
 
 INSTALL_HINT = (
@@ -62,7 +62,7 @@ def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -
         kernel_map = depthwise_kernel_map(sparse, stage.blocks[0].conv_dw.kernel_size)
         features = sparse.F
         for block in stage.blocks:
-            features = minkowski_block(block, features, kernel_map, batch)
+            features = run_block(encoder, minkowski_block, block, features, kernel_map, batch)
         sparse = ME.SparseTensor(features, coordinate_map_key=sparse.coordinate_map_key, coordinate_manager=manager)
     out = scatter_tokens(sparse.F.reshape(batch, indices.shape[1], -1), indices, height * width)
     return out.transpose(1, 2).reshape(batch, -1, height, width)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sparse_encoder import TOTAL_STRIDE
-from .common import block_pointwise, downsample_linear, layer_norm, upsample_mask
+from .common import block_pointwise, downsample_linear, layer_norm, run_block, upsample_mask
 
 
 def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -
         rows = cell_major_rows(cells, grid_size, side)  # shared by the stage's blocks
         map_shape = (images.shape[0], grid_size[0] * side, grid_size[1] * side)
         for block in stage.blocks:
-            tokens = sparse_block(block, tokens, rows, map_shape)
+            tokens = run_block(encoder, sparse_block, block, tokens, rows, map_shape)
     return tokens_to_map(tokens, rows, map_shape)
 
 
