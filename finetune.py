@@ -267,7 +267,7 @@ def finetune(args: argparse.Namespace, info: DistributedInfo) -> dict:
 
     seed_everything(args.seed)  # identical initial head on every rank (DDP also broadcasts rank 0's)
     model = as_config_error("--finetune", build_finetune_model, args.model, num_classes, args.finetune,
-                            args.drop_path).to(info.device)
+                            args.drop_path, grad_checkpointing=args.grad_checkpointing).to(info.device)
     depths = MODEL_CONFIGS[args.model][0]
     optimizer = build_adamw(model, lr, args.weight_decay, ADAMW_BETAS, param_group_fn=lambda m: param_groups_layer_decay(
         m, depths, args.weight_decay, args.layer_decay, args.layer_decay_type))

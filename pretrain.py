@@ -160,7 +160,7 @@ def build_training(args: argparse.Namespace, info: DistributedInfo, lr: float):
     ``train_model`` the one trained (DDP / torch.compile wrapped when asked for)."""
     seed_everything(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim, args.decoder_depth,
-                              args.norm_pix_loss).to(info.device)
+                              args.norm_pix_loss, grad_checkpointing=args.grad_checkpointing).to(info.device)
     optimizer = build_adamw(model, lr, args.weight_decay, ADAMW_BETAS)
     train_model = wrap_ddp(model, info.device)
     if args.compile:

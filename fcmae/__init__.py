@@ -13,9 +13,13 @@ def build_fcmae(
     decoder_depth: int = 1,
     norm_pix_loss: bool = True,
     drop_path_rate: float = 0.0,
+    grad_checkpointing: bool = False,
 ) -> FCMAE:
-    """FCMAE with a ``model_name`` encoder (``convnextv2_<size>``); see ``FCMAE``."""
-    return FCMAE(model_name, backend, mask_ratio, decoder_dim, decoder_depth, norm_pix_loss, drop_path_rate)
+    """FCMAE with a ``model_name`` encoder (``convnextv2_<size>``); see ``FCMAE``.
+    ``grad_checkpointing``: recompute encoder blocks in the backward pass (less memory, more compute)."""
+    model = FCMAE(model_name, backend, mask_ratio, decoder_dim, decoder_depth, norm_pix_loss, drop_path_rate)
+    model.set_grad_checkpointing(grad_checkpointing)
+    return model
 
 
 __all__ = ["FCMAE", "build_fcmae", "keep_count", "patchify", "random_masking", "unpatchify"]

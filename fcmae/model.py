@@ -9,9 +9,9 @@ from timm.layers import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 
 from models import SparseConvNeXtV2
-from models.sparse_encoder import TOTAL_STRIDE, check_mask
+from models.sparse_encoder import TOTAL_STRIDE, check_mask_shape, read_keep_count
 
-from .masking import random_masking
+from .masking import keep_count, random_masking
 
 
 def patchify(images: torch.Tensor, patch_size: int = TOTAL_STRIDE) -> torch.Tensor:
@@ -33,9 +33,14 @@ def unpatchify(patches: torch.Tensor, grid_size: tuple[int, int], patch_size: in
 class FCMAE(nn.Module):
     """Fully convolutional masked autoencoder.
 
-    forward(images, mask=None) -> (loss, pred, mask):
+    forward(images, mask=None, check_mask=True) -> (loss, pred, mask):
         images: (N, 3, H, W), H and W multiples of 32;
-        mask: (N, L) float, 1 = hidden, L = (H/32)*(W/32); drawn with ``mask_ratio`` if None;
+        mask: (N, L) float, 1 = hidden, L = (H/32)*(W/32), every image keeping
+            ``keep_count(L, mask_ratio)`` cells, as ``random_masking(N, L, mask_ratio)`` draws it;
+            drawn that way on the images' device if None;
+        check_mask: read a given mask once to check it (a host-device sync). A training loop
+            passing masks fresh from ``random_masking`` with this ``mask_ratio`` passes False:
+            then nothing in the forward waits for the device and it compiles to one graph;
         pred: (N, L, 32*32*3) predicted patches (normalised-pixel space when ``norm_pix_loss``);
         loss: mean over hidden patches of the per-patch MSE.
     """
@@ -76,6 +81,11 @@ class FCMAE(nn.Module):
                     trunc_normal_(layer.weight, std=0.02)
                     nn.init.zeros_(layer.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoder's blocks in the backward pass (see ``SparseConvNeXtV2``); the
+        one-block decoder on the final-stage grid is small and keeps its activations."""
+        self.encoder.set_grad_checkpointing(enable)
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay beyond 1-D tensors (timm's convention)."""
         return {"mask_token"}
@@ -102,11 +112,14 @@ class FCMAE(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (N, L)
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        if mask is None:
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, check_mask: bool = True):
+        mask_given = mask is not None
+        if not mask_given:
             grid_h, grid_w = self.grid_size(images)
             mask = random_masking(images.shape[0], grid_h * grid_w, self.mask_ratio, device=images.device)
-        check_mask(images, mask)
-        features = self.encoder(images, mask)
+        kept = keep_count(check_mask_shape(images, mask), self.mask_ratio)
+        if mask_given and check_mask:
+            read_keep_count(mask, expected=kept)
+        features = self.encoder(images, mask, keep_count=kept)
         pred = self.forward_decoder(features, mask)
         return self.loss(images, pred, mask), pred, mask

@@ -31,15 +31,18 @@ def build_finetune_model(
     num_classes: int,
     checkpoint: str | os.PathLike | None = None,
     drop_path: float = 0.0,
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """Dense ``model_name`` with a freshly initialised ``num_classes``-way head, its other weights
     from ``checkpoint`` (None: random initialisation). A checkpoint of another model size raises
-    ``load_pretrained``'s ValueError, which names the size the checkpoint looks like."""
+    ``load_pretrained``'s ValueError, which names the size the checkpoint looks like.
+    ``grad_checkpointing``: timm's activation checkpointing of the stages (less memory, more compute)."""
     if checkpoint is None:
         model = models.create_dense_model(model_name, num_classes=num_classes, drop_path_rate=drop_path)
     else:
         model = models.load_pretrained(model_name, checkpoint, num_classes=num_classes, drop_path_rate=drop_path)
     init_head(model.head.fc)
+    model.set_grad_checkpointing(grad_checkpointing)
     _logger.info("%s: weights from %s, new %d-class head, drop path %.2f",
                  model_name, checkpoint or "random initialisation", num_classes, drop_path)
     return model

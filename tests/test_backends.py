@@ -119,3 +119,23 @@ def test_mask_with_unequal_hidden_counts_is_rejected():
     mask = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     with pytest.raises(ValueError, match="same number"):
         encoder(torch.randn(2, 3, 64, 64), mask)
+
+
+@pytest.mark.parametrize("backend", PURE_TORCH_BACKENDS)
+def test_encoder_given_keep_count_reads_nothing_from_the_device(backend):
+    from tests.host_syncs import HostSyncCounter
+
+    encoder = build_encoder(backend=backend)
+    images = torch.randn(2, 3, 64, 96)
+    mask = random_masking(2, 6, 0.5, generator=torch.Generator().manual_seed(0))
+    with HostSyncCounter() as counter:
+        given = encoder(images, mask, keep_count=3)
+        given.square().sum().backward()
+    assert counter.count == 0, counter.report()
+    with torch.no_grad():
+        assert torch.equal(given.detach(), encoder(images, mask)), "keep_count changed the result"
+
+
+def test_keep_count_outside_the_grid_is_rejected():
+    with pytest.raises(ValueError, match=r"keep_count must be in \[1, 4\]"):
+        build_encoder()(torch.randn(1, 3, 64, 64), torch.zeros(1, 4), keep_count=5)

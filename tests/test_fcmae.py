@@ -155,3 +155,43 @@ def test_loss_decreases_when_overfitting_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize("backend", ["sparse", "masked"])
+def test_training_forward_and_backward_make_no_host_sync(backend):
+    """A mask fresh from random_masking, passed with check_mask=False: nothing waits for the device."""
+    from tests.host_syncs import HostSyncCounter
+
+    model = build_fcmae("convnextv2_atto", backend=backend, decoder_dim=64)
+    images = torch.randn(2, 3, 64, 96)
+    with HostSyncCounter() as counter:
+        mask = random_masking(2, 6, model.mask_ratio, generator=torch.Generator().manual_seed(0), device="cpu")
+        loss, _, _ = model(images, mask, check_mask=False)
+        loss.backward()
+        model(images)[0].backward()  # mask drawn inside: no check needed either
+    assert counter.count == 0, f"{backend}: {counter.report()}"
+    assert model.encoder.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_given_mask_is_checked_with_one_sync(tiny_fcmae):
+    from tests.host_syncs import HostSyncCounter
+
+    mask = random_masking(2, 4, tiny_fcmae.mask_ratio, generator=torch.Generator().manual_seed(0))
+    with HostSyncCounter() as counter, torch.no_grad():
+        tiny_fcmae(torch.randn(2, 3, 64, 64), mask)
+    assert counter.count == 1, counter.report()
+
+
+@pytest.mark.parametrize("mask, message", [
+    ([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]], "keeps 2 of 4 cells per image; this model's mask_ratio keeps 1"),
+    ([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], "same number"),
+    ([[1.0, 1.0, 1.0, 0.5], [1.0, 1.0, 1.0, 0.0]], "0 \\(visible\\) or 1 \\(hidden\\)"),
+])
+def test_bad_mask_is_rejected_at_the_fcmae_boundary(tiny_fcmae, mask, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_fcmae(torch.randn(2, 3, 64, 64), torch.tensor(mask))
+
+
+def test_mask_of_wrong_shape_is_rejected_even_unchecked(tiny_fcmae):
+    with pytest.raises(ValueError, match=r"mask must be \(N, L\) = \(2, 4\)"):
+        tiny_fcmae(torch.randn(2, 3, 64, 64), torch.zeros(2, 6), check_mask=False)

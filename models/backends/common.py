@@ -7,11 +7,20 @@ Conv2d MLP, LayerNorm or LayerNorm2d), using the block's own parameters.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def run_block(encoder: nn.Module, block_fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``block_fn(*args)``; when ``encoder.grad_checkpointing`` is on (and autograd records),
+    only the block's inputs are kept and its inside is recomputed in the backward pass."""
+    if encoder.grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block_fn, *args, use_reentrant=False)
+    return block_fn(*args)
 
 
 def _linear(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

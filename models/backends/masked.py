@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from .common import block_pointwise, upsample_mask
+from .common import block_pointwise, run_block, upsample_mask
 
 
-def encode(encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -> torch.Tensor:
+    """(N, C, H/32, W/32) features; ``keep_count`` is unused: the work is dense whatever is hidden."""
     grid_size = (images.shape[2] // 32, images.shape[3] // 32)
     features = encoder.stem(images)
     for stage_index, stage in enumerate(encoder.stages):
@@ -20,7 +21,7 @@ def encode(encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             features = stage.downsample(features)
         features = features * visible
         for block in stage.blocks:
-            features = masked_block(block, features, visible)
+            features = run_block(encoder, masked_block, block, features, visible)
     return features
 
 

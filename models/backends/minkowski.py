@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from .common import block_pointwise, layer_norm
+from .common import block_pointwise, layer_norm, run_block
 from .sparse import gather_tokens, scatter_tokens, visible_indices
 
 INSTALL_HINT = (
@@ -40,16 +40,15 @@ def import_minkowski():
     return MinkowskiEngine
 
 
-def encode(encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -> torch.Tensor:
     ME = import_minkowski()
     grid_size = (images.shape[2] // 32, images.shape[3] // 32)
     stem_out = encoder.stem(images)  # dense: the stem never mixes 32x32 cells
     batch, _, height, width = stem_out.shape
-    visible_cells = mask.shape[1] - int(mask[0].sum().item())  # same for every image
     manager = ME.CoordinateManager(
         D=2, coordinate_map_type=ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
     )
-    indices = visible_indices(mask, grid_size, 8, visible_cells)
+    indices = visible_indices(mask, grid_size, 8, keep_count)
     tokens = gather_tokens(stem_out.flatten(2).transpose(1, 2), indices)
     sparse = ME.SparseTensor(
         tokens.flatten(0, 1), coordinates=visible_coordinates(indices, width, 1), coordinate_manager=manager
@@ -57,13 +56,13 @@ def encode(encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     for stage_index, stage in enumerate(encoder.stages):
         if stage_index > 0:
             height, width = height // 2, width // 2
-            indices = visible_indices(mask, grid_size, 2 ** (3 - stage_index), visible_cells)
+            indices = visible_indices(mask, grid_size, 2 ** (3 - stage_index), keep_count)
             coordinates = visible_coordinates(indices, width, 2**stage_index)
             sparse = minkowski_downsample(ME, stage.downsample, sparse, coordinates)
         kernel_map = depthwise_kernel_map(sparse, stage.blocks[0].conv_dw.kernel_size)
         features = sparse.F
         for block in stage.blocks:
-            features = minkowski_block(block, features, kernel_map, batch)
+            features = run_block(encoder, minkowski_block, block, features, kernel_map, batch)
         sparse = ME.SparseTensor(features, coordinate_map_key=sparse.coordinate_map_key, coordinate_manager=manager)
     out = scatter_tokens(sparse.F.reshape(batch, indices.shape[1], -1), indices, height * width)
     return out.transpose(1, 2).reshape(batch, -1, height, width)

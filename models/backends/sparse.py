@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..sparse_encoder import TOTAL_STRIDE
-from .common import block_pointwise, downsample_linear, layer_norm, upsample_mask
+from .common import block_pointwise, downsample_linear, layer_norm, run_block, upsample_mask
 
 
-def encode(encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -> torch.Tensor:
     grid_size = (images.shape[2] // TOTAL_STRIDE, images.shape[3] // TOTAL_STRIDE)
-    cells = visible_cells(mask)
+    cells = visible_cells(mask, keep_count)
     tokens, side = sparse_stem(encoder.stem, images, cells)
     for stage_index, stage in enumerate(encoder.stages):
         if stage_index > 0:
@@ -33,15 +33,14 @@ def encode(encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = cell_major_rows(cells, grid_size, side)  # shared by the stage's blocks
         map_shape = (images.shape[0], grid_size[0] * side, grid_size[1] * side)
         for block in stage.blocks:
-            tokens = sparse_block(block, tokens, rows, map_shape)
+            tokens = run_block(encoder, sparse_block, block, tokens, rows, map_shape)
     return tokens_to_map(tokens, rows, map_shape)
 
 
-def visible_cells(mask: torch.Tensor) -> torch.Tensor:
-    """(N, L) mask, 1 = hidden -> (N, K) each image's visible cell indices, ascending
-    (stable argsort: no host synchronisation beyond reading the count K)."""
-    kept = mask.shape[1] - int(mask[0].sum().item())  # same for every image
-    return torch.argsort(mask, dim=1, stable=True)[:, :kept]
+def visible_cells(mask: torch.Tensor, keep_count: int) -> torch.Tensor:
+    """(N, L) mask, 1 = hidden, ``keep_count`` visible cells per image -> (N, K) each image's
+    visible cell indices, ascending (stable argsort: nothing read back from the device)."""
+    return torch.argsort(mask, dim=1, stable=True)[:, :keep_count]
 
 
 def cell_major_rows(cells: torch.Tensor, grid_size: tuple[int, int], side: int) -> torch.Tensor:

@@ -1,0 +1,43 @@
+"""torch.compile(fullgraph=True): FCMAE (sparse backend) and the fine-tuning model are one graph each,
+and give the eager losses and gradients."""
+import pytest
+import torch
+
+from fcmae import build_fcmae, random_masking
+from finetune.model import build_finetune_model
+from tests.conftest import randomize_grn, relative_error
+
+pytestmark = pytest.mark.slow  # inductor compiles C++ on the CPU: ~1 minute per model
+
+
+def loss_and_gradients(run, model, loss_fn):
+    """loss_fn(run) and the gradients it leaves on ``model``'s parameters (``run``: model or its compiled form)."""
+    model.zero_grad()
+    loss = loss_fn(run)
+    loss.backward()
+    return loss.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+def assert_compiled_matches_eager(model, loss_fn):
+    eager_loss, eager_grads = loss_and_gradients(model, model, loss_fn)
+    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+    compiled_loss, compiled_grads = loss_and_gradients(compiled, model, loss_fn)
+    assert relative_error(compiled_loss, eager_loss) < 1e-4, f"loss {compiled_loss} vs eager {eager_loss}"
+    for name, grad in eager_grads.items():
+        err = relative_error(compiled_grads[name], grad)
+        assert err < 1e-3, f"compiled gradient of {name} differs from eager by {err:.2e}"
+
+
+def test_fcmae_with_sparse_backend_compiles_to_one_graph_matching_eager():
+    model = build_fcmae("convnextv2_atto", backend="sparse", decoder_dim=64)
+    randomize_grn(model)
+    images = torch.randn(2, 3, 64, 96)
+    mask = random_masking(2, 6, model.mask_ratio, generator=torch.Generator().manual_seed(0))
+    assert_compiled_matches_eager(model, lambda m: m(images, mask, check_mask=False)[0])
+
+
+def test_finetune_model_compiles_to_one_graph_matching_eager():
+    model = build_finetune_model("convnextv2_atto", num_classes=10)
+    randomize_grn(model)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])
+    assert_compiled_matches_eager(model, lambda m: torch.nn.functional.cross_entropy(m(images), labels))
