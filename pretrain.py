@@ -40,7 +40,7 @@ from engine.optim import build_adamw, effective_batch_size, scaled_lr
 from engine.schedule import build_lr_scheduler
 from engine.seeding import capture_rng_state, configure_determinism, derive_seed, generator, seed_everything
 from fcmae.visualize import save_png, visualize_reconstructions
-from models import BACKENDS
+from models import BACKENDS, encoder_export_state
 
 _logger = logging.getLogger("pretrain")
 
@@ -146,7 +146,7 @@ def save_outputs(args, model, optimizer, stepper, epochs_done: int, visuals, ten
              "epoch": epochs_done, "config": config_dict(args), "rng": capture_rng_state(),
              "world_size": get_world_size()}
     path = save_checkpoint(state, output_dir, epochs_done, args.save_ckpt_num)
-    save_safetensors(model.encoder.state_dict(), output_dir / ENCODER_EXPORT,
+    save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
                      {"model_name": args.model, "format": "timm", "epochs": str(epochs_done)})
     grid = visualize_reconstructions(model, *visuals)
     save_png(grid, output_dir / "reconstruction.png")
@@ -233,7 +233,7 @@ def pretrain(args: argparse.Namespace, info: DistributedInfo) -> dict:
     if start_epoch >= args.epochs:
         _logger.info("nothing left to train: %d of %d epochs done", start_epoch, args.epochs)
     if info.is_main and not (output_dir / ENCODER_EXPORT).exists():
-        save_safetensors(model.encoder.state_dict(), output_dir / ENCODER_EXPORT,
+        save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
                          {"model_name": args.model, "format": "timm", "epochs": str(start_epoch)})
     if info.world_size > 1:
         report_replicas(model, info)
