@@ -250,31 +250,41 @@ def fixed_visual_batch(
     if isinstance(source, EmbeddedPhotos):
         images = torch.stack([source[index][0] for index in range(min(count, len(source)))])
     else:
-        paths = [path for path, _ in source.samples] if hasattr(source, "samples") else list(source)
-        images = _load_spread(paths, input_size, count)
+        if hasattr(source, "samples"):  # an ImageFolder
+            paths, where = [path for path, _ in source.samples], source.root
+        else:
+            paths = list(source)
+            where = os.path.commonpath([os.path.abspath(path) for path in paths]) if paths else "the list"
+        images = _load_spread(paths, input_size, count, where)
     num_cells = (images.shape[2] // 32) * (images.shape[3] // 32)
     mask = random_masking(len(images), num_cells, mask_ratio, generator=torch.Generator().manual_seed(seed))
     return images.to(device), mask.to(device)
 
 
-def _load_spread(paths: Sequence[str | os.PathLike], input_size: int, count: int) -> torch.Tensor:
-    from engine.data import UNREADABLE_IMAGE_ERRORS, load_rgb_image
+def _load_spread(paths: Sequence[str | os.PathLike], input_size: int, count: int, where) -> torch.Tensor:
+    """``count`` images spread evenly over ``paths``, each through ``visual_transform``; an
+    unreadable file is replaced by the next readable one. UnreadableDatasetError if none is."""
+    from engine.data import UNREADABLE_IMAGE_ERRORS, UnreadableDatasetError, load_rgb_image
 
     if not paths:
-        raise ValueError("no images to show")
+        raise ValueError(f"no images to show in {where}")
     transform = visual_transform(input_size)
     picked = torch.linspace(0, len(paths) - 1, min(count, len(paths))).long().tolist()
-    images = []
+    images, unreadable = [], set()
     for index in picked:
         for offset in range(len(paths)):
-            path = paths[(index + offset) % len(paths)]
+            position = (index + offset) % len(paths)
+            if position in unreadable:
+                continue
             try:
-                images.append(transform(load_rgb_image(path)))
+                images.append(transform(load_rgb_image(paths[position])))
                 break
             except UNREADABLE_IMAGE_ERRORS as error:
-                _logger.warning("reconstruction picture: skipping unreadable image %s (%s)", path, error)
+                unreadable.add(position)
+                _logger.warning("reconstruction picture: skipping unreadable image %s (%s)", paths[position], error)
         else:
-            raise ValueError(f"none of the {len(paths)} images can be read (e.g. {paths[0]})")
+            raise UnreadableDatasetError(f"all {len(paths)} image files under {where} are unreadable; check the "
+                                         "files (e.g. open one with PIL)")
     return torch.stack(images)
 
 
@@ -363,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    from engine.data import EmbeddedPhotos, ImageFolderSkippingUnreadable, resolve_image_root
+    from engine.data import EmbeddedPhotos, ImageFolderSkippingUnreadable, UnreadableDatasetError, resolve_image_root
     from engine.distributed import choose_device
     from engine.logging import setup_logging
 
@@ -390,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             source = EmbeddedPhotos("train", input_size, config.get("embedded_samples", args.max_images))
             described = "the embedded photos the run trained on"
         images, mask = fixed_visual_batch(source, input_size, mask_ratio, seed, device, args.max_images)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, UnreadableDatasetError) as error:
         parser.error(str(error))
     picture = visualize_reconstructions(model.to(device), images, mask, args.max_images)
     save_png(picture, args.output)
