@@ -155,3 +155,13 @@ def test_cli_takes_single_image_files(pretrained_run, tmp_path):
           "--device", "cpu"])
     picture = pixels(tmp_path / "two.png")
     assert picture.shape[0] > 2 * 66 and picture.shape[0] < 4 * 66  # two rows plus labels and legend
+
+
+def test_cli_redraws_the_embedded_photo_picture_of_a_run_without_data_path(tmp_path):
+    output = tmp_path / "out"
+    pretrain.main(["--model", "convnextv2_atto", "--input_size", "64", "--batch_size", "4", "--epochs", "1",
+                   "--warmup_epochs", "0", "--embedded_samples", "8", "--output_dir", str(output),
+                   "--num_workers", "0", "--device", "cpu"])
+    main(["--checkpoint", str(output / "checkpoint-1.pth"), "--output", str(tmp_path / "redrawn.png"),
+          "--device", "cpu"])
+    np.testing.assert_array_equal(pixels(tmp_path / "redrawn.png"), pixels(output / "reconstruction.png"))
