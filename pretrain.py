@@ -12,7 +12,8 @@ newest valid checkpoint in --output_dir (--auto_resume, on by default).
 
 Writes to --output_dir (rank 0 only): config.yaml, train.log, metrics.jsonl (one JSON object per
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), encoder.safetensors (encoder weights
-with timm names, for finetune.py or timm), reconstruction.png, and TensorBoard events
+with timm names, for finetune.py or timm), reconstruction.png (python -m fcmae.visualize redraws it
+from any checkpoint), and TensorBoard events
 (--log_dir, default <output_dir>/tensorboard).
 """
 from __future__ import annotations
@@ -39,15 +40,14 @@ from engine.loop import GradientStepper, Step, train_one_epoch, updates_per_epoc
 from engine.optim import build_adamw, effective_batch_size, scaled_lr
 from engine.schedule import build_lr_scheduler
 from engine.seeding import capture_rng_state, configure_determinism, derive_seed, generator, seed_everything
-from fcmae.visualize import save_png, visualize_reconstructions
-from models import BACKENDS
+from fcmae.visualize import fixed_visual_batch, save_png, visualize_reconstructions
+from models import BACKENDS, encoder_export_state
 
 _logger = logging.getLogger("pretrain")
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "pretrain_demo.yaml"
 RECIPE_BLR = 1.5e-4  # ConvNeXt V2 FCMAE base learning rate
 ADAMW_BETAS = (0.9, 0.95)
-VISUAL_IMAGES = 8  # rows in the reconstruction grid
 ENCODER_EXPORT = "encoder.safetensors"
 
 
@@ -109,22 +109,6 @@ def make_loss_fn(args: argparse.Namespace, rank: int, device: torch.device):
     return fcmae_loss
 
 
-def visual_batch(dataset, args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same images and masks at every visualisation (one per embedded photo, or spread over
-    the folder's classes), drawn with a fixed seed."""
-    count = min(VISUAL_IMAGES, len(dataset))
-    if isinstance(dataset, EmbeddedPhotos):
-        indices = list(range(count))
-    else:
-        indices = torch.linspace(0, len(dataset) - 1, count).long().tolist()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        images = torch.stack([dataset[index][0] for index in indices]).to(device)
-    num_cells = (args.input_size // 32) ** 2
-    mask = fcmae.random_masking(count, num_cells, args.mask_ratio, generator=generator(args.seed), device=device)
-    return images, mask
-
-
 def resume(args, model, optimizer, stepper, info: DistributedInfo) -> int:
     """Load --resume, or the newest valid checkpoint with --auto_resume; returns epochs completed."""
     found = find_resume_checkpoint(args, info)
@@ -146,7 +130,7 @@ def save_outputs(args, model, optimizer, stepper, epochs_done: int, visuals, ten
              "epoch": epochs_done, "config": config_dict(args), "rng": capture_rng_state(),
              "world_size": get_world_size()}
     path = save_checkpoint(state, output_dir, epochs_done, args.save_ckpt_num)
-    save_safetensors(model.encoder.state_dict(), output_dir / ENCODER_EXPORT,
+    save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
                      {"model_name": args.model, "format": "timm", "epochs": str(epochs_done)})
     grid = visualize_reconstructions(model, *visuals)
     save_png(grid, output_dir / "reconstruction.png")
@@ -209,7 +193,8 @@ def pretrain(args: argparse.Namespace, info: DistributedInfo) -> dict:
                  start_epoch)
     tensorboard = TensorBoardWriter((args.log_dir or output_dir / "tensorboard") if info.is_main else None)
     metrics_log = MetricsLog(output_dir / "metrics.jsonl" if info.is_main else None)
-    visuals = visual_batch(dataset, args, info.device) if info.is_main else None
+    visuals = (fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device)
+               if info.is_main else None)  # python -m fcmae.visualize redraws it from a checkpoint
     if info.is_main:
         save_config(args, output_dir / "config.yaml", {
             "world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
@@ -233,7 +218,7 @@ def pretrain(args: argparse.Namespace, info: DistributedInfo) -> dict:
     if start_epoch >= args.epochs:
         _logger.info("nothing left to train: %d of %d epochs done", start_epoch, args.epochs)
     if info.is_main and not (output_dir / ENCODER_EXPORT).exists():
-        save_safetensors(model.encoder.state_dict(), output_dir / ENCODER_EXPORT,
+        save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
                          {"model_name": args.model, "format": "timm", "epochs": str(start_epoch)})
     if info.world_size > 1:
         report_replicas(model, info)

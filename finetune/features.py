@@ -1,23 +1,38 @@
-"""Frozen ConvNeXt V2 features: pooled embeddings and the four stage maps (DESIGN.md section 7).
+"""Frozen ConvNeXt V2 features: pooled embeddings and the four stage maps.
 
 Python API::
 
-    extractor = FeatureExtractor("convnextv2_atto", "output/pretrain_demo/encoder.safetensors")
+    extractor = FeatureExtractor("convnextv2_atto", "output/pretrain/encoder.safetensors", input_size=224)
     pooled = extractor.pooled(images)            # (N, dims[-1]): the head's pre-logits
     stages = extractor.stages(images)            # [(N, dims[i], H / 2**(i+2), W / 2**(i+2)) for i in 0..3]
 
-``pooled`` is ``forward_head(forward_features(x), pre_logits=True)``: global average pool then
-the head LayerNorm (identity affine for an encoder-only checkpoint, which has no head norm);
-``stages`` are the outputs of the four stages, what detection/segmentation necks consume.
+``images`` is a list of PIL images and/or image paths (str or Path), each put through the
+evaluation transform (resize to ``input_size / crop_pct``, center crop, ImageNet normalisation;
+see ``finetune.transforms``), or tensors already normalised that way: an (N, 3, H, W) batch or
+a list of (3, H, W) images of one size. A single PIL image or path is a batch of one.
 
-CLI: features (and labels, class names, file paths) of every image of a folder, to a file::
+``pooled`` is ``forward_head(forward_features(x), pre_logits=True)``: global average pool then
+the head LayerNorm (weight 1, bias 0 for a pretrained encoder, which never trains it: each
+embedding is then standardised across channels); ``stages`` are the outputs of the four
+stages, what detection/segmentation necks consume (``models.create_backbone`` gives the same
+maps as a trainable timm ``features_only`` model).
+
+CLI: features of every image of a folder of class folders (``<data_path>/<class>/<image>``)::
 
     python -m finetune.features --model convnextv2_atto --checkpoint encoder.safetensors \\
         --data_path /data/imagenette2-224/val --output val_features.safetensors [--stages]
 
-The file (``.safetensors`` or ``.npz``) holds ``pooled`` (N, C) float32, ``labels`` (N,) int64
-and, with ``--stages``, ``stage0``..``stage3``; class names and paths are in the safetensors
-metadata (JSON) or as string arrays in the npz. ``load_features`` reads either back.
+The file (``.safetensors`` or ``.npz``) holds, row ``i`` for image ``i``:
+
+* ``pooled``: (N, C) float32; ``labels``: (N,) int64, the index of the image's class folder;
+  with ``--stages`` also ``stage0``..``stage3``, (N, dims[i], S / 2**(i+2), S / 2**(i+2)).
+* ``class_names``: the class folder names, sorted, so ``class_names[labels[i]]`` is image i's class;
+  ``paths``: the image files, in row order (unreadable files are left out, rows and paths alike).
+* ``model_name``, ``checkpoint``, ``input_size``, ``crop_pct``: how the features were made.
+
+In a safetensors file the last two items are string metadata (``class_names`` and ``paths`` as
+JSON lists); in an npz file they are string arrays. ``load_features`` reads either back into
+one dict (tensors, ``class_names`` and ``paths`` as lists, the rest as strings).
 """
 from __future__ import annotations
 
@@ -32,11 +47,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import models
 from engine.checkpoint import atomic_write, save_safetensors
-from engine.data import ImageFolderSkippingUnreadable
+from engine.data import ImageFolderSkippingUnreadable, load_rgb_image
 from engine.distributed import choose_device
 from engine.logging import format_duration, setup_logging
 from engine.loop import amp_autocast
@@ -68,32 +84,75 @@ def extract_pooled_and_stages(model: nn.Module, images: torch.Tensor) -> tuple[t
 class FeatureExtractor:
     """A frozen dense ConvNeXt V2 in eval mode, from any checkpoint ``models.load_pretrained``
     reads (ours, our encoder export, official FCMAE / fine-tuned / MinkowskiEngine files), or
-    randomly initialised when ``checkpoint`` is None."""
+    randomly initialised when ``checkpoint`` is None. ``input_size`` and ``crop_pct`` define the
+    evaluation transform applied to PIL images and paths (module docstring)."""
 
     def __init__(self, model_name: str, checkpoint: str | os.PathLike | None = None,
-                 device: torch.device | str = "cpu", amp: str = "none"):
+                 device: torch.device | str = "cpu", amp: str = "none", input_size: int = 224,
+                 crop_pct: float | None = None):
         if checkpoint is None:
             model = models.create_dense_model(model_name)
         else:
             model = models.load_pretrained(model_name, checkpoint)
         self.model = model.eval().requires_grad_(False).to(device)
         self.device, self.amp = torch.device(device), amp
+        self.transform = build_eval_transform(input_size, crop_pct)
+
+    def to_batch(self, images) -> torch.Tensor:
+        """(N, 3, H, W) float tensor on the model's device from any accepted ``images`` (module
+        docstring). TypeError for another kind of input, ValueError for tensors of the wrong shape."""
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4:
+                raise ValueError(f"an image tensor batch must be (N, 3, H, W), got shape {tuple(images.shape)}; "
+                                 "for one (3, H, W) image pass [image] or image[None]")
+            return images.to(self.device)
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        if not isinstance(images, (list, tuple)) or not images:
+            raise TypeError(f"images must be a non-empty list of PIL images, paths or (3, H, W) tensors, or an "
+                            f"(N, 3, H, W) tensor; got {_describe(images)}")
+        tensors = [self._to_tensor(image, index) for index, image in enumerate(images)]
+        shapes = sorted({tuple(tensor.shape) for tensor in tensors})
+        if len(shapes) > 1:
+            raise ValueError(f"the image tensors have different shapes {shapes}; pass PIL images or paths to have "
+                             "them resized and cropped to one size")
+        return torch.stack(tensors).to(self.device)
+
+    def _to_tensor(self, image, index: int) -> torch.Tensor:
+        if isinstance(image, (str, os.PathLike)):
+            image = load_rgb_image(image)
+        if isinstance(image, Image.Image):
+            return self.transform(image.convert("RGB"))
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(f"images[{index}] must be a (3, H, W) tensor, got shape {tuple(image.shape)}")
+            return image
+        raise TypeError(f"images[{index}] is {_describe(image)}; expected a PIL image, a path (str or Path) or a "
+                        "(3, H, W) tensor (a numpy array: PIL.Image.fromarray(array) or torch.from_numpy)")
 
     @torch.no_grad()
-    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+    def pooled(self, images) -> torch.Tensor:
+        """(N, C) pooled embeddings, float32, on the model's device."""
         with amp_autocast(self.device.type, self.amp):
-            return extract_pooled(self.model, images.to(self.device)).float()
+            return extract_pooled(self.model, self.to_batch(images)).float()
 
     @torch.no_grad()
-    def stages(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def stages(self, images) -> list[torch.Tensor]:
+        """The four stage maps, float32, on the model's device."""
         with amp_autocast(self.device.type, self.amp):
-            return [stage.float() for stage in extract_stages(self.model, images.to(self.device))]
+            return [stage.float() for stage in extract_stages(self.model, self.to_batch(images))]
 
     @torch.no_grad()
-    def pooled_and_stages(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def pooled_and_stages(self, images) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Both, from one forward pass."""
         with amp_autocast(self.device.type, self.amp):
-            pooled, stages = extract_pooled_and_stages(self.model, images.to(self.device))
+            pooled, stages = extract_pooled_and_stages(self.model, self.to_batch(images))
         return pooled.float(), [stage.float() for stage in stages]
+
+
+def _describe(value) -> str:
+    kind = type(value)
+    return f"a {kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else f"a {kind.__name__}"
 
 
 @torch.no_grad()
@@ -201,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     try:
-        extractor = FeatureExtractor(args.model, args.checkpoint, device, args.amp)
+        extractor = FeatureExtractor(args.model, args.checkpoint, device, args.amp, args.input_size, args.crop_pct)
     except (ValueError, FileNotFoundError) as error:  # unreadable, unsafe or of another model size
         parser.error(f"--checkpoint {args.checkpoint}: {error}")
     _logger.info("%s from %s: %d images in %d classes under %s", args.model,
@@ -215,7 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         features = {name: tensor[keep] for name, tensor in features.items()}
         paths = [path for path in paths if path not in unreadable]
         _logger.warning("left out %d unreadable images", len(unreadable))
-    metadata = {"model_name": args.model, "checkpoint": str(args.checkpoint), "input_size": str(args.input_size)}
+    metadata = {"model_name": args.model, "checkpoint": str(args.checkpoint), "input_size": str(args.input_size),
+                "crop_pct": str(args.crop_pct)}
     path = save_features(args.output, features, dataset.classes, paths, metadata)
     _logger.info("wrote %s: pooled %s, labels %s%s", path, tuple(features["pooled"].shape),
                  tuple(features["labels"].shape), ", stage0..stage3" if args.stages else "")

@@ -1,4 +1,4 @@
-"""ConvNeXt V2 models: dense (timm), sparse FCMAE encoder, checkpoint loading.
+"""ConvNeXt V2 models: dense (timm), sparse FCMAE encoder, checkpoint loading, dense-task backbones.
 
 The torchvision guard must run before anything imports timm or torchvision.
 """
@@ -8,7 +8,8 @@ _torchvision_guard.install()
 
 from .convnextv2 import MODEL_CONFIGS, check_model_name, create_dense_model  # noqa: E402
 from .sparse_encoder import BACKENDS, SparseConvNeXtV2  # noqa: E402
-from .checkpoint import convert_to_timm, load_pretrained  # noqa: E402
+from .checkpoint import convert_to_timm, encoder_export_state, load_pretrained, read_checkpoint  # noqa: E402
+from .backbone import FeaturePyramidBackbone, backbone_param_groups, create_backbone  # noqa: E402
 
 __all__ = [
     "MODEL_CONFIGS",
@@ -17,5 +18,10 @@ __all__ = [
     "check_model_name",
     "create_dense_model",
     "convert_to_timm",
+    "encoder_export_state",
     "load_pretrained",
+    "read_checkpoint",
+    "create_backbone",
+    "backbone_param_groups",
+    "FeaturePyramidBackbone",
 ]

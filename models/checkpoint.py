@@ -3,7 +3,8 @@
 Layouts, told apart by their key names (after unwrapping, see below):
 
 * ``timm`` (ours): ``stem.*``, ``stages.<i>.blocks.<j>.*``, optional ``head.norm.*`` /
-  ``head.fc.*``. What ``FCMAE.encoder.state_dict()`` and a fine-tuned timm model write.
+  ``head.fc.*``. What ``encoder_export_state`` (``encoder.safetensors``) and a fine-tuned
+  timm model write; a pretraining checkpoint holds the encoder under ``encoder.``.
 * ``official_dense``: the released ``convnextv2_<size>_1k_224_fcmae.pt`` (encoder only) and
   ``..._ema.pt`` (fine-tuned) files: ``downsample_layers.<i>.<j>.*``,
   ``stages.<i>.<j>.{dwconv,norm,pwconv1,grn,pwconv2}.*`` with GRN ``gamma``/``beta`` shaped
@@ -19,8 +20,13 @@ Wrappers removed before that: nested ``{"model": ...}`` / ``{"state_dict": ...}`
 ``encoder.`` prefix of a whole FCMAE model, whose decoder (``proj``, ``mask_token``,
 ``decoder``, ``pred``) is dropped.
 
-Files are read with safetensors (``.safetensors``) or ``torch.load(weights_only=True)``:
-nothing in a checkpoint can run code.
+Files are read with safetensors or ``torch.load(weights_only=True)``, chosen by the file's
+first bytes (not its name): nothing in a checkpoint can run code, and a file that is none of
+these (text, an image, an empty or truncated file, a folder) gets an error saying what it is.
+
+``encoder_export_state(encoder)`` is what pretraining writes to ``encoder.safetensors``: the
+encoder's tensors plus ``head.norm`` at timm's initialisation, i.e. exactly the state dict of
+``timm.create_model("convnextv2_<size>", num_classes=0)``, so a strict ``load_state_dict`` works.
 """
 from __future__ import annotations
 
@@ -46,6 +52,10 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.c
 ENCODER_PREFIX = "encoder."  # a whole FCMAE model: the encoder is what we keep
 MINKOWSKI_SUFFIXES = (".kernel", ".ln.weight", ".linear.weight")
 MAX_LISTED_KEYS = 10  # per category in error messages
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+PICKLE_PROTOCOL_OPCODE = b"\x80"  # first byte of a pickle of protocol >= 2 (legacy torch.save)
+SNIFFED_BYTES = 16
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt", ".tar")
 
 # Official dense names -> timm names, applied in order (``head.`` before ``norm.``: the
 # final norm becomes ``head.norm``, the classifier ``head.fc``). Same facts as timm's
@@ -71,36 +81,96 @@ _BLOCK_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
 def read_checkpoint(path: str | Path) -> Mapping:
     """The object stored in ``path``: a safetensors file or a plain-tensor torch file.
 
-    Torch files are unpickled with ``weights_only=True``; ``argparse.Namespace`` (the ``args``
-    entry of official training checkpoints, a plain attribute bag) is the one extra class
-    allowed. Anything else that needs code to unpickle raises ValueError, and so does a file
-    that is truncated or not a checkpoint at all.
+    The format is told from the first bytes (``file_format``), so a safetensors file named
+    ``.pth`` loads too. Torch files are unpickled with ``weights_only=True``;
+    ``argparse.Namespace`` (the ``args`` entry of official training checkpoints, a plain
+    attribute bag) is the one extra class allowed. Raises FileNotFoundError for a missing path
+    and ValueError, naming the file and what it is, for a folder, a file that is not a
+    checkpoint, a truncated one, or a pickle that needs code to load.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+    file_kind = file_format(path)
+    if file_kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(path, device="cpu")
         except SafetensorError as error:
-            raise ValueError(f"{path} is not a readable safetensors file ({error}); it may be truncated") from error
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            raise ValueError(f"{path} is a damaged safetensors file ({error}); it may be truncated") from error
+    try:  # an open file: torch.load would pick its reader from the name (.safetensors) otherwise
+        with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as file:
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         blocked = re.search(r"GLOBAL ([\w.]+)", str(error))
-        reason = f"it refers to {blocked.group(1)}" if blocked else "weights-only load refused"
+        if blocked is None:  # not a refusal: the pickle itself is damaged
+            raise ValueError(f"{path} is a damaged PyTorch checkpoint: its pickle data cannot be read "
+                             f"({error}); it may be truncated") from error
         raise ValueError(
             f"{path} is not a plain tensor checkpoint: unpickling it would run code named in the "
-            f"file ({reason}), so it was not loaded. Re-save its weights from a trusted environment, "
-            f"e.g. torch.save(model.state_dict(), ...) or safetensors."
+            f"file (it refers to {blocked.group(1)}), so it was not loaded. Re-save its weights from a "
+            f"trusted environment, e.g. torch.save(model.state_dict(), ...) or safetensors."
         ) from error
-    except (RuntimeError, EOFError, KeyError, OSError) as error:  # truncated zip, empty file, other format
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
-                         "it may be truncated or in another format") from error
+    except (RuntimeError, EOFError, KeyError, OSError) as error:  # truncated zip, cut-off pickle
+        archive = "zip archive" if file_kind == "zip" else "pickle"
+        raise ValueError(f"{path} is a damaged PyTorch checkpoint: its {archive} cannot be read "
+                         f"({type(error).__name__}: {error}); it may be truncated") from error
+
+
+def file_format(path: str | Path) -> str:
+    """``"zip"`` or ``"pickle"`` (the two formats of ``torch.save``) or ``"safetensors"``, read from
+    the first bytes of ``path``. FileNotFoundError if it does not exist; ValueError naming the file
+    and what it is instead for a folder, an empty file or anything else (text, an image, ...)."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        hint = f"pass a file in it: {_listing(inside)}" if inside else \
+            f"it holds no {'/'.join(CHECKPOINT_SUFFIXES)} files"
+        raise ValueError(f"{path} is a folder, not a checkpoint file; {hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a checkpoint; it may be a save that never finished")
+    with open(path, "rb") as file:
+        head = file.read(SNIFFED_BYTES)
+    # safetensors: u64 little-endian header length, then the JSON header (checked first: the
+    # length's low byte may be 0x80)
+    header_length = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and header_length <= size - 8:
+        return "safetensors"
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if head.startswith(PICKLE_PROTOCOL_OPCODE):
+        return "pickle"
+    if head[8:9] == b"{":
+        raise ValueError(f"{path} is a truncated safetensors file: its header alone is {header_length} bytes "
+                         f"but the file has {size}")
+    looks_like = "text" if all(32 <= b < 127 or b in b"\t\n\r" for b in head) else "binary data"
+    raise ValueError(
+        f"{path} is not a checkpoint: it starts with {head!r} ({looks_like}), but a PyTorch checkpoint is "
+        "a zip archive or a pickle and a safetensors file starts with its header length. Pass the file "
+        "written by torch.save or safetensors (e.g. checkpoint-<epoch>.pth or encoder.safetensors)."
+    )
+
+
+def encoder_export_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """Complete timm ``num_classes=0`` state dict of an FCMAE encoder (``SparseConvNeXtV2``).
+
+    The encoder's own ``stem.*`` and ``stages.*`` tensors plus ``head.norm.weight`` = 1 and
+    ``head.norm.bias`` = 0, timm's initialisation of the head LayerNorm, which FCMAE never
+    trains. ``timm.create_model(name, num_classes=0).load_state_dict(state)`` is then strict,
+    and the pooled features (``forward_head(pre_logits=True)``: global average pool, then the
+    head norm) are the average-pooled last stage standardised per image across channels: the
+    same features as a model loaded from an official FCMAE file, whose final norm also starts
+    at weight 1, bias 0.
+    """
+    state = dict(encoder.state_dict())
+    reference = state["stem.0.weight"]
+    width = encoder.dims[-1]
+    state["head.norm.weight"] = torch.ones(width, dtype=reference.dtype, device=reference.device)
+    state["head.norm.bias"] = torch.zeros(width, dtype=reference.dtype, device=reference.device)
+    return state
 
 
 def convert_to_timm(checkpoint: Mapping, model_name: str) -> dict[str, torch.Tensor]:
@@ -136,7 +206,9 @@ def load_pretrained(
         num_classes: classifier size; None takes the checkpoint's when it has a classifier,
             else timm's default. The classifier (``head.fc``) is loaded only when its shape
             matches, otherwise it keeps its fresh initialisation. The head LayerNorm
-            (``head.norm``) is loaded whenever the checkpoint has it.
+            (``head.norm``) is loaded whenever the checkpoint has it; where it has none
+            (pretraining checkpoints, official FCMAE files) it keeps timm's initialisation,
+            weight 1 and bias 0, the values ``encoder.safetensors`` holds.
         strict_encoder: every encoder tensor (stem, stages) must be present with the model's
             shape, and no unknown tensor may be left over; otherwise ValueError listing the
             mismatches and the model size the checkpoint looks like. False turns that into a

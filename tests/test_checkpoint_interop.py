@@ -1,99 +1,26 @@
-"""Every supported checkpoint layout loads into timm's dense ConvNeXt V2 with identical outputs.
+"""Every supported checkpoint layout loads into timm's dense ConvNeXt V2 with identical outputs,
+our encoder export loads strictly into timm, and unusable files get messages saying what they are.
 
-Synthetic files are written from a dense timm model whose every tensor (GRN, norms and biases
-included) is random, so a tensor mapped to the wrong place, transposed or left at its
-initialisation changes the output. The official layouts are built here independently of
-``models.checkpoint`` from the published key names and shapes.
+The layouts are fabricated in ``checkpoint_layouts`` (random tensors everywhere, official key
+names built independently of ``models.checkpoint``).
 """
 from __future__ import annotations
 
 import argparse
-import re
 
 import pytest
+import timm
 import torch
+from checkpoint_layouts import (encoder_state, fcmae_training_checkpoint, randomised_model, to_official_dense,
+                                to_official_minkowski)
+from safetensors.torch import load_file, save_file
 
-import models  # noqa: F401  (torchvision guard before timm)
-from models.checkpoint import convert_to_timm, load_pretrained
+import fcmae
+from engine.checkpoint import save_safetensors
+from models.checkpoint import convert_to_timm, encoder_export_state, load_pretrained, read_checkpoint
 from models.convnextv2 import create_dense_model
 
 IMAGE_SIZE = 64
-FCMAE_DECODER_KEYS = ("proj.weight", "mask_token", "decoder.0.conv_dw.weight", "pred.weight")
-
-
-def randomised_model(model_name: str, num_classes: int = 0, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = create_dense_model(model_name, num_classes=num_classes)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.05)
-    return model.eval()
-
-
-def encoder_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What ``FCMAE.encoder.state_dict()`` holds: timm names minus ``head.*``."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-
-
-def fcmae_training_checkpoint(encoder: dict[str, torch.Tensor], **extra) -> dict:
-    """A pretraining checkpoint: whole FCMAE model under "model" (encoder + decoder)."""
-    state = {f"encoder.{k}": v for k, v in encoder.items()}
-    state.update({k: torch.randn(4, 4) for k in FCMAE_DECODER_KEYS})
-    return {"model": state, "epoch": 3, "optimizer": {"state": {}, "param_groups": []}, **extra}
-
-
-def to_official_dense(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm names -> released ConvNeXt V2 file names; pwconv as Linear, GRN (1, 1, 1, 4C)."""
-    official = {}
-    for key, value in timm_state.items():
-        key = re.sub(r"^stem\.", "downsample_layers.0.", key)
-        key = re.sub(r"^stages\.(\d)\.downsample\.", r"downsample_layers.\1.", key)
-        key = re.sub(r"^stages\.(\d)\.blocks\.(\d+)\.", r"stages.\1.\2.", key)
-        key = key.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
-        key = key.replace("mlp.grn.weight", "grn.gamma").replace("mlp.grn.bias", "grn.beta")
-        key = key.replace("head.norm.", "norm.").replace("head.fc.", "head.")
-        if ".pwconv" in key and key.endswith(".weight"):
-            value = value.flatten(1)
-        if ".grn." in key:
-            value = value.reshape(1, 1, 1, -1)
-        official[key] = value
-    return official
-
-
-def minkowski_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Conv2d weight (out, in, k, k) -> ME kernel (k*k, in, out), offset t = w * k + h (the
-    order documented in models.checkpoint); depthwise (C, 1, k, k) -> (k*k, C)."""
-    out_channels, in_channels, size, _ = weight.shape
-    kernel = torch.empty(size * size, in_channels, out_channels)
-    for h in range(size):
-        for w in range(size):
-            kernel[w * size + h] = weight[:, :, h, w].T
-    return kernel[:, 0, :] if in_channels == 1 else kernel
-
-
-def to_official_minkowski(official_dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Released dense encoder names -> the official sparse FCMAE encoder's tensors."""
-    sparse = {}
-    for key, value in official_dense.items():
-        if key.startswith("downsample_layers.0."):  # the stem runs dense
-            sparse[key] = value
-            continue
-        downsample = re.match(r"downsample_layers\.\d\.(\d)\.(weight|bias)$", key)
-        if downsample and downsample.group(1) == "0":
-            key = key.replace(".0.", ".0.ln.")
-        elif downsample or ".dwconv." in key:
-            if key.endswith(".weight"):
-                key, value = key[: -len("weight")] + "kernel", minkowski_kernel(value)
-            else:
-                value = value.reshape(1, -1)
-        elif ".norm." in key:
-            key = key.replace(".norm.", ".norm.ln.")
-        elif ".pwconv" in key:
-            key = re.sub(r"\.(weight|bias)$", r".linear.\1", key)
-        elif ".grn." in key:
-            value = value.reshape(1, -1)
-        sparse[key] = value
-    return sparse
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -257,3 +184,104 @@ def test_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
     payload = torch.load(tmp_path / "evil.pt", weights_only=False)  # a full unpickle does run it
     payload["model"]["stem.0.weight"].close()
     assert marker.exists()
+
+
+@pytest.fixture(scope="module")
+def exported_encoder(tmp_path_factory):
+    """``encoder.safetensors`` as pretraining writes it, from an FCMAE encoder with random weights."""
+    model = fcmae.build_fcmae("convnextv2_atto", decoder_dim=32)
+    with torch.no_grad():
+        for parameter in model.encoder.parameters():
+            parameter.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("export") / "encoder.safetensors"
+    save_safetensors(encoder_export_state(model.encoder), path, {"model_name": "convnextv2_atto"})
+    return model.encoder, path
+
+
+def test_encoder_export_loads_strictly_into_timm_without_classifier(exported_encoder):
+    encoder, path = exported_encoder
+    model = timm.create_model("convnextv2_atto", num_classes=0, pretrained=False)
+    model.load_state_dict(load_file(path))  # strict: no missing or unexpected key
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), f"{name} changed on the way to timm"
+    assert torch.equal(model.head.norm.weight, torch.ones(320)) and torch.equal(model.head.norm.bias, torch.zeros(320))
+
+
+def test_encoder_export_pooled_features_are_the_standardised_pooled_map(exported_encoder, images):
+    _, path = exported_encoder
+    model = timm.create_model("convnextv2_atto", num_classes=0, pretrained=False).eval()
+    model.load_state_dict(load_file(path))
+    with torch.no_grad():
+        pooled_map = model.forward_features(images).mean((2, 3))
+        expected = torch.nn.functional.layer_norm(pooled_map, (320,), eps=1e-6)
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_export_takes_a_new_classifier_through_load_pretrained(exported_encoder, images):
+    _, path = exported_encoder
+    timm_model = timm.create_model("convnextv2_atto", num_classes=0, pretrained=False).eval()
+    timm_model.load_state_dict(load_file(path))
+    loaded = load_pretrained("convnextv2_atto", path, num_classes=10).eval()
+    assert loaded.head.fc.weight.shape == (10, 320)
+    with torch.no_grad():
+        pooled = loaded.forward_head(loaded.forward_features(images), pre_logits=True)
+        assert torch.equal(pooled, timm_model(images))
+
+
+def test_official_fcmae_file_gives_the_same_features_as_our_export(exported_encoder, images, tmp_path):
+    encoder, path = exported_encoder
+    torch.save({"model": to_official_dense(encoder.state_dict())}, tmp_path / "fcmae.pt")
+    official = load_pretrained("convnextv2_atto", tmp_path / "fcmae.pt", num_classes=0).eval()
+    ours = load_pretrained("convnextv2_atto", path, num_classes=0).eval()
+    assert torch.equal(official.head.norm.weight, torch.ones(320))  # timm's init: the file has no final norm
+    with torch.no_grad():
+        assert torch.equal(official(images), ours(images))
+
+
+def test_text_file_named_pth_is_reported_as_not_a_checkpoint(tmp_path):
+    path = tmp_path / "model.pth"
+    path.write_text("git-lfs pointer or an HTML error page\n")
+    with pytest.raises(ValueError) as error:
+        read_checkpoint(path)
+    message = str(error.value)
+    assert f"{path} is not a checkpoint" in message and "(text)" in message and "zip archive or a pickle" in message
+    assert "run code" not in message
+
+
+def test_empty_file_is_reported_as_empty(tmp_path):
+    (tmp_path / "checkpoint-1.pth").touch()
+    with pytest.raises(ValueError, match=r"checkpoint-1\.pth is empty \(0 bytes\)"):
+        read_checkpoint(tmp_path / "checkpoint-1.pth")
+
+
+def test_folder_given_as_checkpoint_lists_the_checkpoints_in_it(tmp_path):
+    torch.save({"model": {}}, tmp_path / "checkpoint-3.pth")
+    (tmp_path / "train.log").write_text("")
+    with pytest.raises(ValueError, match=r"is a folder, not a checkpoint file; pass a file in it: \[checkpoint-3\.pth\]"):
+        read_checkpoint(tmp_path)
+
+
+def test_missing_file_is_reported_as_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pth")
+
+
+def test_truncated_safetensors_and_zip_are_reported_as_truncated(atto, tmp_path):
+    save_file(encoder_state(atto), tmp_path / "encoder.safetensors")
+    data = (tmp_path / "encoder.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:100])
+    with pytest.raises(ValueError, match=r"cut\.safetensors is a truncated safetensors file: its header alone is"):
+        read_checkpoint(tmp_path / "cut.safetensors")
+    torch.save(encoder_state(atto), tmp_path / "encoder.pth")
+    data = (tmp_path / "encoder.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.pth is a damaged PyTorch checkpoint: its zip archive cannot be read"):
+        read_checkpoint(tmp_path / "cut.pth")
+
+
+def test_format_is_read_from_the_bytes_not_the_name(atto, tmp_path):
+    save_file(encoder_state(atto), tmp_path / "encoder.pth")  # safetensors content, torch-style name
+    torch.save(encoder_state(atto), tmp_path / "encoder.safetensors", _use_new_zipfile_serialization=False)
+    for name in ("encoder.pth", "encoder.safetensors"):
+        state = read_checkpoint(tmp_path / name)
+        assert torch.equal(state["stem.0.weight"], atto.stem[0].weight), name

@@ -1,4 +1,8 @@
-"""finetune.features: the API returns the model's own outputs; the CLI writes loadable files."""
+"""finetune.features: the API returns the model's own outputs for images of any accepted kind;
+the CLI writes loadable files."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from conftest import randomize_grn
@@ -9,6 +13,7 @@ from finetune.features import (FeatureExtractor, extract_pooled, extract_stages,
                                save_features)
 from finetune.transforms import build_eval_transform
 from finetune_helpers import make_colour_folder
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +98,57 @@ def test_cli_leaves_out_unreadable_images(checkpoint, tmp_path):
 def test_output_suffix_is_checked(tmp_path):
     with pytest.raises(ValueError, match=r"\.safetensors or \.npz"):
         save_features(tmp_path / "features.pt", {"pooled": torch.zeros(1, 2)}, ["a"], ["x.jpg"])
+
+
+@pytest.fixture(scope="module")
+def photo_files(tmp_path_factory):
+    folder = make_colour_folder(tmp_path_factory.mktemp("photos"), classes=("blue", "red"), per_class=1, size=40)
+    return sorted(str(path) for path in folder.rglob("*.png"))
+
+
+def test_pooled_accepts_pil_images_paths_and_tensors_alike(checkpoint, photo_files):
+    extractor = FeatureExtractor("convnextv2_atto", checkpoint, input_size=32)
+    pil_images = [load_rgb_image(path) for path in photo_files]
+    batch = torch.stack([build_eval_transform(32)(image) for image in pil_images])
+    expected = extractor.pooled(batch)
+    assert expected.shape == (2, 320)
+    torch.testing.assert_close(extractor.pooled(pil_images), expected, rtol=0, atol=0)
+    torch.testing.assert_close(extractor.pooled(photo_files), expected, rtol=0, atol=0)
+    torch.testing.assert_close(extractor.pooled([Path(photo_files[0]), batch[1]]), expected, rtol=0, atol=0)
+    torch.testing.assert_close(extractor.pooled(pil_images[1]), expected[1:], rtol=1e-4, atol=1e-5)  # batch of 1
+    stages = extractor.stages(pil_images)
+    assert [tuple(stage.shape) for stage in stages] == [(2, 40, 8, 8), (2, 80, 4, 4), (2, 160, 2, 2), (2, 320, 1, 1)]
+
+
+def test_pil_images_of_other_modes_and_sizes_are_transformed(checkpoint):
+    extractor = FeatureExtractor("convnextv2_atto", checkpoint, input_size=32)
+    grey = Image.new("L", (50, 70), 128)
+    rgba = Image.new("RGBA", (40, 33), (10, 200, 30, 255))
+    assert extractor.pooled([grey, rgba]).shape == (2, 320)
+
+
+@pytest.mark.parametrize("images, error, message", [
+    (np.zeros((2, 3, 32, 32), dtype=np.float32), TypeError, "got a numpy.ndarray"),
+    ([np.zeros((32, 32, 3), dtype=np.uint8)], TypeError, r"images\[0\] is a numpy.ndarray; expected a PIL image"),
+    ([], TypeError, "non-empty list"),
+    ([1.5], TypeError, r"images\[0\] is a float"),
+    (torch.zeros(3, 32, 32), ValueError, r"for one \(3, H, W\) image pass \[image\]"),
+    ([torch.zeros(3, 32, 32), torch.zeros(3, 40, 40)], ValueError, "different shapes"),
+    ([torch.zeros(1, 32, 32)], ValueError, r"images\[0\] must be a \(3, H, W\) tensor"),
+])
+def test_unsupported_images_get_a_clear_error(checkpoint, images, error, message):
+    extractor = FeatureExtractor("convnextv2_atto", checkpoint, input_size=32)
+    with pytest.raises(error, match=message):
+        extractor.pooled(images)
+
+
+def test_cli_records_how_the_features_were_made(checkpoint, tmp_path):
+    make_colour_folder(tmp_path / "images", classes=("blue", "red"), per_class=1, size=40)
+    output = tmp_path / "features.safetensors"
+    main(["--model", "convnextv2_atto", "--checkpoint", str(checkpoint), "--data_path", str(tmp_path / "images"),
+          "--output", str(output), "--input_size", "32", "--crop_pct", "0.9", "--num_workers", "0", "--device", "cpu"])
+    features = load_features(output)
+    assert (features["model_name"], features["checkpoint"], features["input_size"], features["crop_pct"]) == \
+        ("convnextv2_atto", str(checkpoint), "32", "0.9")
+    assert [features["class_names"][label] for label in features["labels"]] == \
+        [Path(path).parent.name for path in features["paths"]]

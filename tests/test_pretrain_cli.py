@@ -59,16 +59,15 @@ def test_run_writes_checkpoint_export_logs_config_and_picture(tiny_run):
     assert not list(output.glob(".*.tmp")), "temporary files left behind"
 
 
-def test_encoder_export_loads_into_timm_with_only_head_norm_missing(tiny_run):
+def test_encoder_export_loads_strictly_into_timm(tiny_run):
     import timm
     from safetensors.torch import load_file
 
     output, _ = tiny_run
     exported = load_file(output / "encoder.safetensors")
     model = timm.create_model("convnextv2_atto", pretrained=False, num_classes=0)
-    result = model.load_state_dict(exported, strict=False)
-    assert sorted(result.missing_keys) == ["head.norm.bias", "head.norm.weight"]
-    assert result.unexpected_keys == []
+    model.load_state_dict(exported)  # strict: head.norm is exported at timm's init (1, 0)
+    assert torch.equal(model.head.norm.weight, torch.ones(320)) and torch.equal(model.head.norm.bias, torch.zeros(320))
     trained = load_checkpoint(output / "checkpoint-2.pth")["model"]
     assert torch.equal(model.stages[2].blocks[3].mlp.grn.weight, trained["encoder.stages.2.blocks.3.mlp.grn.weight"])
 
