@@ -14,16 +14,20 @@
 * ``EmbeddedPhotos(split, input_size, length, transform=None)``: real photographs bundled with
   scikit-image (public domain / CC0), no download needed; see its docstring.
 * ``build_loader(dataset, batch_size, num_workers, seed, rank, world_size, device, train)``:
-  DataLoader over a ``DistributedSampler`` (also for one process: a seeded shuffle per epoch;
-  the training loop calls ``sampler.set_epoch``).
+  DataLoader over this rank's share. Training: a ``ResumableDistributedSampler`` (a seeded
+  shuffle per epoch, also for one process; ``sampler.set_epoch(epoch, skip)`` starts mid-epoch)
+  feeding ``SampleSeededDataset``, so every sample's augmentation depends only on
+  ``(seed, epoch, index)``; persistent workers. Evaluation: a plain ``DistributedSampler``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import random
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import models  # noqa: F401  (torchvision guard before torchvision)
 import numpy as np
@@ -227,7 +231,7 @@ class EmbeddedPhotos(Dataset):
         """The seeded crop of item ``index`` as an RGB PIL image of ``input_size`` x ``input_size``."""
         photo = self.photos[self.targets[index]]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(_SPLIT_SEEDS[self.split], index))
+            torch.default_generator.manual_seed(derive_seed(_SPLIT_SEEDS[self.split], index))  # CPU only
             top, left, height, width = transforms.RandomResizedCrop.get_params(photo, list(self.scale),
                                                                                list(self.ratio))
             flip = bool(torch.rand(()) < 0.5)
@@ -241,6 +245,77 @@ class EmbeddedPhotos(Dataset):
         return self.transform(self.crop(index)), self.targets[index]
 
 
+@contextlib.contextmanager
+def seeded_cpu_rngs(seed: int) -> Iterator[None]:
+    """Seed python ``random``, numpy and torch's CPU generator inside the block, restore them after.
+
+    The transforms draw from these global generators (torchvision: torch; timm's RandAugment and
+    RandomErasing: python ``random``). Restoring keeps the caller's streams untouched, which matters
+    when samples load in the training process itself (``num_workers=0``). CUDA generators are not
+    touched. Cost: a few microseconds, nothing beside decoding an image.
+    """
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled, ``drop_last``) that yields ``(epoch, index)`` pairs and can start mid-epoch.
+
+    ``set_epoch(epoch, skip)``: the next iteration yields this rank's order for ``epoch`` (the same
+    order as ``DistributedSampler`` with the same seed) from its ``skip``-th sample on, so a run
+    resumed after ``iteration`` batches passes ``skip = iteration * batch_size`` and gets exactly the
+    batches it had not trained on. ``len()`` stays the whole epoch's share. The epoch travels with
+    each index because persistent workers never see ``set_epoch``: ``SampleSeededDataset`` seeds the
+    augmentation from it.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if not 0 <= skip <= self.num_samples:
+            raise ValueError(f"skip must lie in [0, {self.num_samples}] (this rank's samples per epoch), got {skip}")
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(self.epoch, index) for index in indices])
+
+
+class SampleSeededDataset(Dataset):
+    """``dataset`` indexed by ``(epoch, index)``: item ``index`` loaded with the CPU RNGs seeded from
+    ``derive_seed(seed, epoch, index)``.
+
+    So an augmentation depends only on (seed, epoch, sample): the same with any number of
+    workers or ranks and after a resume, different from one epoch to the next. The caller's RNG
+    streams are left as they were (``seeded_cpu_rngs``).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with seeded_cpu_rngs(derive_seed(self.seed, epoch, index)):
+            return self.dataset[index]
+
+
+TRAIN_PREFETCH_FACTOR = 2  # batches queued per worker: num_workers * 2 in flight; more only costs shared memory
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -251,14 +326,22 @@ def build_loader(
     device: torch.device = torch.device("cpu"),
     train: bool = True,
 ) -> DataLoader:
-    """DataLoader over this rank's share of ``dataset``.
+    """DataLoader over this rank's share of ``dataset``; batches of (images, targets).
 
-    ``train``: shuffled by ``seed`` + epoch (``sampler.set_epoch``), incomplete batches dropped.
-    Otherwise in order, nothing dropped (the sampler pads ranks to equal length by repeating items).
-    Workers are not persistent: they are started each epoch from the RNG the training script
-    reseeds per epoch, so a resumed run draws the same augmentations as an uninterrupted one.
+    ``train``: a ``ResumableDistributedSampler`` (shuffled by ``seed`` + epoch; the training loop calls
+    ``sampler.set_epoch(epoch, skip)``) over ``SampleSeededDataset(dataset, seed)``, incomplete batches
+    dropped, persistent workers (started once, not every epoch: the per-sample seeding makes their
+    own RNG state irrelevant). Otherwise in order, nothing dropped (the sampler pads ranks to equal
+    length by repeating items), workers started per pass. Pinned memory on CUDA.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
-                                 drop_last=train)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=train, persistent_workers=False)
+    pin_memory = device.type == "cuda"
+    if not train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                          pin_memory=pin_memory)
+    workers_kwargs = dict(persistent_workers=True, prefetch_factor=TRAIN_PREFETCH_FACTOR) if num_workers > 0 else {}
+    return DataLoader(SampleSeededDataset(dataset, seed), batch_size=batch_size,
+                      sampler=ResumableDistributedSampler(dataset, world_size, rank, seed), num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed),  # worker base seeds: not from the global RNG
+                      **workers_kwargs)
