@@ -62,13 +62,65 @@ def normalize_transform() -> transforms.Compose:
     ])
 
 
-def pretrain_transform(input_size: int) -> transforms.Compose:
-    """FCMAE pretraining augmentation: PIL RGB image -> (3, input_size, input_size) normalised tensor."""
+def pretrain_transform(input_size: int, fast_decode: bool = False) -> transforms.Compose:
+    """FCMAE pretraining augmentation: PIL RGB image -> (3, input_size, input_size) normalised tensor.
+
+    ``fast_decode``: crop with ``DraftRandomResizedCrop``, which decodes JPEG files at a reduced
+    scale when the crop allows (the same crops, a fraction of the decoding work);
+    ``ImageFolderSkippingUnreadable`` then hands it the files opened but not decoded.
+    """
+    crop = DraftRandomResizedCrop if fast_decode else transforms.RandomResizedCrop
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        crop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         normalize_transform(),
     ])
+
+
+JPEG_DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes directly (scaled inverse DCT)
+
+
+class UnreadableImageError(OSError):
+    """A transform that decodes the file itself (``DraftRandomResizedCrop``) could not decode it."""
+
+
+def draft_scale(crop_height: int, crop_width: int, output_size: tuple[int, int]) -> int:
+    """Largest JPEG draft reduction (8, 4, 2, else 1) leaving the crop box at least ``output_size`` (h, w)."""
+    for scale in JPEG_DRAFT_SCALES:
+        if crop_height >= scale * output_size[0] and crop_width >= scale * output_size[1]:
+            return scale
+    return 1
+
+
+class DraftRandomResizedCrop(transforms.RandomResizedCrop):
+    """``RandomResizedCrop`` that decodes a JPEG at 1/2, 1/4 or 1/8 scale when the crop box still
+    covers the output size there: the same crop distribution, less decoding.
+
+    The crop box is drawn first, from the full-size geometry (read from the file header) with the
+    same random draws as ``RandomResizedCrop``; then the file is decoded with PIL's draft mode at
+    ``draft_scale(box, size)`` and the box, scaled to the reduced image, is resized (bicubic) to
+    ``size``. Input: a PIL image; if it is opened but not yet decoded (``open_image``), JPEGs take
+    the reduced path, and a failed decode raises ``UnreadableImageError``. A decoded image, a
+    non-JPEG, or a crop too small to reduce goes through ``RandomResizedCrop`` unchanged.
+    Output: RGB PIL image of ``size``.
+    """
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        top, left, height, width = self.get_params(image, self.scale, self.ratio)
+        scale, full_width = draft_scale(height, width, self.size), image.width
+        # draft is a no-op (returns None) once decoded and for other formats; else its box is the
+        # full image in reduced coordinates, (0, 0, width / reduction, height / reduction)
+        drafted = image.draft("RGB", (image.width // scale, image.height // scale)) if scale > 1 else None
+        try:
+            image = to_rgb(image)  # decodes
+        except UNREADABLE_IMAGE_ERRORS as error:
+            raise UnreadableImageError(f"cannot decode {getattr(image, 'filename', 'image')}: {error}") from error
+        if drafted is None:
+            return transforms.functional.resized_crop(image, top, left, height, width, self.size, self.interpolation,
+                                                      antialias=self.antialias)
+        reduction = full_width / drafted[1][2]
+        box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
+        return image.resize(self.size[::-1], transforms.functional.pil_modes_mapping[self.interpolation], box=box)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -96,6 +148,19 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
         return to_rgb(image)
 
 
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """``path`` opened with its header read, not decoded (for ``DraftRandomResizedCrop``); raises one
+    of ``UNREADABLE_IMAGE_ERRORS`` if it is not an image. Decoding closes the file."""
+    return Image.open(path)
+
+
+def decodes_files(transform: Optional[Callable]) -> bool:
+    """Whether ``transform`` starts with ``DraftRandomResizedCrop``, i.e. wants files opened, not decoded."""
+    first = transform.transforms[0] if isinstance(transform, transforms.Compose) and transform.transforms \
+        else transform
+    return isinstance(first, DraftRandomResizedCrop)
+
+
 def resolve_image_root(data_path: str | os.PathLike, split: str = "train") -> Path:
     """``<data_path>/<split>`` if that folder exists, else ``data_path`` itself (class folders)."""
     split_root = Path(data_path) / split
@@ -109,13 +174,16 @@ class ImageFolderSkippingUnreadable(ImageFolder):
     readable file in the sample list, so training batches stay full. For evaluation
     (``substitute_unreadable=False``) it yields a blank image with target ``UNREADABLE_TARGET``
     instead, which the evaluation leaves out, so no image is counted twice. The bookkeeping lives
-    in shared memory, so DataLoader workers' findings add up in ``unreadable_count``.
+    in shared memory, so DataLoader workers' findings add up in ``unreadable_count``. A transform
+    that decodes files itself (``pretrain_transform(fast_decode=True)``, see ``decodes_files``) gets
+    them opened, not decoded, and its decoding failures count as unreadable files too.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None,
                  substitute_unreadable: bool = True):
         # allow_empty: an empty class folder must not shift the labels of the others (nor stop pretraining)
-        super().__init__(os.fspath(root), transform=transform, loader=load_rgb_image, allow_empty=True)
+        super().__init__(os.fspath(root), transform=transform, allow_empty=True,
+                         loader=open_image if decodes_files(transform) else load_rgb_image)
         if not self.samples:
             raise FileNotFoundError(f"no image files in the class folders of {self.root}")
         empty = sorted(set(self.classes) - {self.classes[target] for target in self.targets})
@@ -139,11 +207,16 @@ class ImageFolderSkippingUnreadable(ImageFolder):
         try:
             image = self.loader(path)
         except UNREADABLE_IMAGE_ERRORS as error:
-            self._unreadable[index] = True
-            _logger.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
-                            path, type(error).__name__, error, self.unreadable_count)
-            return None
-        return (self.transform(image) if self.transform is not None else image), target
+            return self._record_unreadable(index, path, error)
+        try:
+            return (self.transform(image) if self.transform is not None else image), target
+        except UnreadableImageError as error:  # from a transform that decodes the file itself
+            return self._record_unreadable(index, path, error.__cause__ or error)
+
+    def _record_unreadable(self, index: int, path: str, error: BaseException) -> None:
+        self._unreadable[index] = True
+        _logger.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
+                        path, type(error).__name__, error, self.unreadable_count)
 
     def __getitem__(self, index: int):
         if not self.substitute_unreadable:
