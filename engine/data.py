@@ -14,16 +14,20 @@
 * ``EmbeddedPhotos(split, input_size, length, transform=None)``: real photographs bundled with
   scikit-image (public domain / CC0), no download needed; see its docstring.
 * ``build_loader(dataset, batch_size, num_workers, seed, rank, world_size, device, train)``:
-  DataLoader over a ``DistributedSampler`` (also for one process: a seeded shuffle per epoch;
-  the training loop calls ``sampler.set_epoch``).
+  DataLoader over this rank's share. Training: a ``ResumableDistributedSampler`` (a seeded
+  shuffle per epoch, also for one process; ``sampler.set_epoch(epoch, skip)`` starts mid-epoch)
+  feeding ``SampleSeededDataset``, so every sample's augmentation depends only on
+  ``(seed, epoch, index)``; persistent workers. Evaluation: a plain ``DistributedSampler``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import random
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import models  # noqa: F401  (torchvision guard before torchvision)
 import numpy as np
@@ -58,13 +62,65 @@ def normalize_transform() -> transforms.Compose:
     ])
 
 
-def pretrain_transform(input_size: int) -> transforms.Compose:
-    """FCMAE pretraining augmentation: PIL RGB image -> (3, input_size, input_size) normalised tensor."""
+def pretrain_transform(input_size: int, fast_decode: bool = False) -> transforms.Compose:
+    """FCMAE pretraining augmentation: PIL RGB image -> (3, input_size, input_size) normalised tensor.
+
+    ``fast_decode``: crop with ``DraftRandomResizedCrop``, which decodes JPEG files at a reduced
+    scale when the crop allows (the same crops, a fraction of the decoding work);
+    ``ImageFolderSkippingUnreadable`` then hands it the files opened but not decoded.
+    """
+    crop = DraftRandomResizedCrop if fast_decode else transforms.RandomResizedCrop
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        crop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         normalize_transform(),
     ])
+
+
+JPEG_DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes directly (scaled inverse DCT)
+
+
+class UnreadableImageError(OSError):
+    """A transform that decodes the file itself (``DraftRandomResizedCrop``) could not decode it."""
+
+
+def draft_scale(crop_height: int, crop_width: int, output_size: tuple[int, int]) -> int:
+    """Largest JPEG draft reduction (8, 4, 2, else 1) leaving the crop box at least ``output_size`` (h, w)."""
+    for scale in JPEG_DRAFT_SCALES:
+        if crop_height >= scale * output_size[0] and crop_width >= scale * output_size[1]:
+            return scale
+    return 1
+
+
+class DraftRandomResizedCrop(transforms.RandomResizedCrop):
+    """``RandomResizedCrop`` that decodes a JPEG at 1/2, 1/4 or 1/8 scale when the crop box still
+    covers the output size there: the same crop distribution, less decoding.
+
+    The crop box is drawn first, from the full-size geometry (read from the file header) with the
+    same random draws as ``RandomResizedCrop``; then the file is decoded with PIL's draft mode at
+    ``draft_scale(box, size)`` and the box, scaled to the reduced image, is resized (bicubic) to
+    ``size``. Input: a PIL image; if it is opened but not yet decoded (``open_image``), JPEGs take
+    the reduced path, and a failed decode raises ``UnreadableImageError``. A decoded image, a
+    non-JPEG, or a crop too small to reduce goes through ``RandomResizedCrop`` unchanged.
+    Output: RGB PIL image of ``size``.
+    """
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        top, left, height, width = self.get_params(image, self.scale, self.ratio)
+        scale, full_width = draft_scale(height, width, self.size), image.width
+        # draft is a no-op (returns None) once decoded and for other formats; else its box is the
+        # full image in reduced coordinates, (0, 0, width / reduction, height / reduction)
+        drafted = image.draft("RGB", (image.width // scale, image.height // scale)) if scale > 1 else None
+        try:
+            image = to_rgb(image)  # decodes
+        except UNREADABLE_IMAGE_ERRORS as error:
+            raise UnreadableImageError(f"cannot decode {getattr(image, 'filename', 'image')}: {error}") from error
+        if drafted is None:
+            return transforms.functional.resized_crop(image, top, left, height, width, self.size, self.interpolation,
+                                                      antialias=self.antialias)
+        reduction = full_width / drafted[1][2]
+        box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
+        return image.resize(self.size[::-1], transforms.functional.pil_modes_mapping[self.interpolation], box=box)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -92,6 +148,19 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
         return to_rgb(image)
 
 
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """``path`` opened with its header read, not decoded (for ``DraftRandomResizedCrop``); raises one
+    of ``UNREADABLE_IMAGE_ERRORS`` if it is not an image. Decoding closes the file."""
+    return Image.open(path)
+
+
+def decodes_files(transform: Optional[Callable]) -> bool:
+    """Whether ``transform`` starts with ``DraftRandomResizedCrop``, i.e. wants files opened, not decoded."""
+    first = transform.transforms[0] if isinstance(transform, transforms.Compose) and transform.transforms \
+        else transform
+    return isinstance(first, DraftRandomResizedCrop)
+
+
 def resolve_image_root(data_path: str | os.PathLike, split: str = "train") -> Path:
     """``<data_path>/<split>`` if that folder exists, else ``data_path`` itself (class folders)."""
     split_root = Path(data_path) / split
@@ -105,13 +174,16 @@ class ImageFolderSkippingUnreadable(ImageFolder):
     readable file in the sample list, so training batches stay full. For evaluation
     (``substitute_unreadable=False``) it yields a blank image with target ``UNREADABLE_TARGET``
     instead, which the evaluation leaves out, so no image is counted twice. The bookkeeping lives
-    in shared memory, so DataLoader workers' findings add up in ``unreadable_count``.
+    in shared memory, so DataLoader workers' findings add up in ``unreadable_count``. A transform
+    that decodes files itself (``pretrain_transform(fast_decode=True)``, see ``decodes_files``) gets
+    them opened, not decoded, and its decoding failures count as unreadable files too.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None,
                  substitute_unreadable: bool = True):
         # allow_empty: an empty class folder must not shift the labels of the others (nor stop pretraining)
-        super().__init__(os.fspath(root), transform=transform, loader=load_rgb_image, allow_empty=True)
+        super().__init__(os.fspath(root), transform=transform, allow_empty=True,
+                         loader=open_image if decodes_files(transform) else load_rgb_image)
         if not self.samples:
             raise FileNotFoundError(f"no image files in the class folders of {self.root}")
         empty = sorted(set(self.classes) - {self.classes[target] for target in self.targets})
@@ -135,11 +207,16 @@ class ImageFolderSkippingUnreadable(ImageFolder):
         try:
             image = self.loader(path)
         except UNREADABLE_IMAGE_ERRORS as error:
-            self._unreadable[index] = True
-            _logger.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
-                            path, type(error).__name__, error, self.unreadable_count)
-            return None
-        return (self.transform(image) if self.transform is not None else image), target
+            return self._record_unreadable(index, path, error)
+        try:
+            return (self.transform(image) if self.transform is not None else image), target
+        except UnreadableImageError as error:  # from a transform that decodes the file itself
+            return self._record_unreadable(index, path, error.__cause__ or error)
+
+    def _record_unreadable(self, index: int, path: str, error: BaseException) -> None:
+        self._unreadable[index] = True
+        _logger.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
+                        path, type(error).__name__, error, self.unreadable_count)
 
     def __getitem__(self, index: int):
         if not self.substitute_unreadable:
@@ -227,7 +304,7 @@ class EmbeddedPhotos(Dataset):
         """The seeded crop of item ``index`` as an RGB PIL image of ``input_size`` x ``input_size``."""
         photo = self.photos[self.targets[index]]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(_SPLIT_SEEDS[self.split], index))
+            torch.default_generator.manual_seed(derive_seed(_SPLIT_SEEDS[self.split], index))  # CPU only
             top, left, height, width = transforms.RandomResizedCrop.get_params(photo, list(self.scale),
                                                                                list(self.ratio))
             flip = bool(torch.rand(()) < 0.5)
@@ -241,6 +318,77 @@ class EmbeddedPhotos(Dataset):
         return self.transform(self.crop(index)), self.targets[index]
 
 
+@contextlib.contextmanager
+def seeded_cpu_rngs(seed: int) -> Iterator[None]:
+    """Seed python ``random``, numpy and torch's CPU generator inside the block, restore them after.
+
+    The transforms draw from these global generators (torchvision: torch; timm's RandAugment and
+    RandomErasing: python ``random``). Restoring keeps the caller's streams untouched, which matters
+    when samples load in the training process itself (``num_workers=0``). CUDA generators are not
+    touched. Cost: a few microseconds, nothing beside decoding an image.
+    """
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled, ``drop_last``) that yields ``(epoch, index)`` pairs and can start mid-epoch.
+
+    ``set_epoch(epoch, skip)``: the next iteration yields this rank's order for ``epoch`` (the same
+    order as ``DistributedSampler`` with the same seed) from its ``skip``-th sample on, so a run
+    resumed after ``iteration`` batches passes ``skip = iteration * batch_size`` and gets exactly the
+    batches it had not trained on. ``len()`` stays the whole epoch's share. The epoch travels with
+    each index because persistent workers never see ``set_epoch``: ``SampleSeededDataset`` seeds the
+    augmentation from it.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if not 0 <= skip <= self.num_samples:
+            raise ValueError(f"skip must lie in [0, {self.num_samples}] (this rank's samples per epoch), got {skip}")
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(self.epoch, index) for index in indices])
+
+
+class SampleSeededDataset(Dataset):
+    """``dataset`` indexed by ``(epoch, index)``: item ``index`` loaded with the CPU RNGs seeded from
+    ``derive_seed(seed, epoch, index)``.
+
+    So an augmentation depends only on (seed, epoch, sample): the same with any number of
+    workers or ranks and after a resume, different from one epoch to the next. The caller's RNG
+    streams are left as they were (``seeded_cpu_rngs``).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with seeded_cpu_rngs(derive_seed(self.seed, epoch, index)):
+            return self.dataset[index]
+
+
+TRAIN_PREFETCH_FACTOR = 2  # batches queued per worker: num_workers * 2 in flight; more only costs shared memory
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -251,14 +399,22 @@ def build_loader(
     device: torch.device = torch.device("cpu"),
     train: bool = True,
 ) -> DataLoader:
-    """DataLoader over this rank's share of ``dataset``.
+    """DataLoader over this rank's share of ``dataset``; batches of (images, targets).
 
-    ``train``: shuffled by ``seed`` + epoch (``sampler.set_epoch``), incomplete batches dropped.
-    Otherwise in order, nothing dropped (the sampler pads ranks to equal length by repeating items).
-    Workers are not persistent: they are started each epoch from the RNG the training script
-    reseeds per epoch, so a resumed run draws the same augmentations as an uninterrupted one.
+    ``train``: a ``ResumableDistributedSampler`` (shuffled by ``seed`` + epoch; the training loop calls
+    ``sampler.set_epoch(epoch, skip)``) over ``SampleSeededDataset(dataset, seed)``, incomplete batches
+    dropped, persistent workers (started once, not every epoch: the per-sample seeding makes their
+    own RNG state irrelevant). Otherwise in order, nothing dropped (the sampler pads ranks to equal
+    length by repeating items), workers started per pass. Pinned memory on CUDA.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
-                                 drop_last=train)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=train, persistent_workers=False)
+    pin_memory = device.type == "cuda"
+    if not train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                          pin_memory=pin_memory)
+    workers_kwargs = dict(persistent_workers=True, prefetch_factor=TRAIN_PREFETCH_FACTOR) if num_workers > 0 else {}
+    return DataLoader(SampleSeededDataset(dataset, seed), batch_size=batch_size,
+                      sampler=ResumableDistributedSampler(dataset, world_size, rank, seed), num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed),  # worker base seeds: not from the global RNG
+                      **workers_kwargs)

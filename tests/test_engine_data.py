@@ -1,14 +1,17 @@
-"""engine.data: folders with bad files, colour conversion, embedded photos, distributed loader."""
+"""engine.data: folders with bad files, colour conversion, embedded photos, reproducible resumable loaders."""
 import logging
+import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler
 
 from engine.config import ConfigError
 from engine.data import (EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, ImageFolderSkippingUnreadable, UnreadableDatasetError,
                          build_image_folder, build_loader, pretrain_transform, resolve_image_root, to_rgb)
+from finetune.transforms import build_train_transform
 from image_folders import make_image_folder
 
 
@@ -89,10 +92,107 @@ def test_embedded_photos_are_labelled_deterministic_and_split():
 def test_loader_shuffles_per_epoch_reproducibly_and_splits_ranks():
     dataset = EmbeddedPhotos("train", 32, 8, transform=lambda crop: 0)
 
-    def order(epoch, rank=0, world_size=1):
+    def order(epoch, rank=0, world_size=1, skip=0):
         loader = build_loader(dataset, batch_size=1, num_workers=0, seed=3, rank=rank, world_size=world_size)
-        loader.sampler.set_epoch(epoch)
-        return list(loader.sampler)
+        loader.sampler.set_epoch(epoch, skip)
+        pairs = list(loader.sampler)
+        assert {pair_epoch for pair_epoch, _ in pairs} <= {epoch}
+        return [index for _, index in pairs]
 
     assert order(0) == order(0) and order(0) != order(1)
     assert sorted(order(0, 0, 2) + order(0, 1, 2)) == list(range(8))
+    reference = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=3, drop_last=True)
+    reference.set_epoch(5)
+    assert order(5, 1, 2) == list(reference), "the shuffle differs from DistributedSampler's"
+    assert order(5, 1, 2, skip=3) == list(reference)[3:]
+
+
+class IndexedImages(Dataset):
+    """(transform(image), index) over small random colour images: the target names the sample."""
+
+    def __init__(self, transform, length=12, size=48):
+        generator = np.random.default_rng(0)
+        self.images = [Image.fromarray(generator.integers(0, 256, (size, size + 8, 3), dtype=np.uint8))
+                       for _ in range(length)]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index]), index
+
+
+def epoch_batches(loader, epoch, skip=0):
+    loader.sampler.set_epoch(epoch, skip)
+    return [(images.clone(), indices.clone()) for images, indices in loader]
+
+
+def by_index(batches):
+    return {int(index): image for images, indices in batches for image, index in zip(images, indices)}
+
+
+TRAIN_TRANSFORMS = {"pretrain": lambda: pretrain_transform(32),
+                    "finetune_randaugment_erasing": lambda: build_train_transform(32)}
+
+
+@pytest.mark.parametrize("transform_name", sorted(TRAIN_TRANSFORMS))
+def test_train_batches_are_pixel_equal_with_0_and_2_workers(transform_name):
+    dataset = IndexedImages(TRAIN_TRANSFORMS[transform_name]())
+    single = epoch_batches(build_loader(dataset, batch_size=4, num_workers=0, seed=7), epoch=3)
+    workers = epoch_batches(build_loader(dataset, batch_size=4, num_workers=2, seed=7), epoch=3)
+    assert len(single) == len(workers) == 3
+    for (images_0, indices_0), (images_2, indices_2) in zip(single, workers):
+        assert torch.equal(indices_0, indices_2)
+        assert torch.equal(images_0, images_2), f"{transform_name}: augmentations depend on the number of workers"
+
+
+def test_skip_yields_the_tail_of_the_epoch_with_persistent_workers():
+    loader = build_loader(IndexedImages(pretrain_transform(32)), batch_size=2, num_workers=2, seed=1)
+    assert loader.persistent_workers
+    full = {epoch: epoch_batches(loader, epoch) for epoch in (0, 1)}
+    for epoch, skipped_batches in [(1, 2), (0, 5), (1, 0)]:
+        tail = epoch_batches(loader, epoch, skip=skipped_batches * 2)
+        assert len(loader) == len(loader.sampler) // 2 == 6, "len() must stay the whole epoch's"
+        assert len(tail) == 6 - skipped_batches
+        for (images, indices), (expected_images, expected_indices) in zip(tail, full[epoch][skipped_batches:]):
+            assert torch.equal(indices, expected_indices) and torch.equal(images, expected_images), (
+                f"epoch {epoch} skipping {skipped_batches} batches is not the tail of the full epoch")
+
+
+def test_augmentations_differ_between_epochs_and_repeat_per_epoch():
+    dataset = IndexedImages(pretrain_transform(32))
+    loader = build_loader(dataset, batch_size=4, num_workers=0, seed=1)
+    epoch_0, epoch_1 = by_index(epoch_batches(loader, 0)), by_index(epoch_batches(loader, 1))
+    again = by_index(epoch_batches(build_loader(dataset, batch_size=4, num_workers=0, seed=1), 0))
+    assert set(epoch_0) == set(epoch_1) == set(range(12))
+    assert all(torch.equal(epoch_0[index], again[index]) for index in epoch_0)
+    assert not any(torch.equal(epoch_0[index], epoch_1[index]) for index in epoch_0), "epoch 1 repeats epoch 0"
+    other_seed = by_index(epoch_batches(build_loader(dataset, batch_size=4, num_workers=0, seed=2), 0))
+    assert not any(torch.equal(epoch_0[index], other_seed[index]) for index in epoch_0)
+
+
+def test_loading_in_the_main_process_leaves_its_rngs_untouched():
+    dataset = IndexedImages(build_train_transform(32))  # torch (crop, flip, erasing) and python random (RandAugment)
+
+    def rng_states():
+        return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+
+    before = rng_states()
+    dataset[0]
+    assert rng_states()[0] != before[0] and not torch.equal(rng_states()[2], before[2]), "the transform draws nothing"
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    before = rng_states()
+    epoch_batches(build_loader(dataset, batch_size=4, num_workers=0, seed=1), epoch=0)
+    after = rng_states()
+    assert after[0] == before[0], "python random stream changed by loading"
+    assert np.array_equal(after[1], before[1]), "numpy stream changed by loading"
+    assert torch.equal(after[2], before[2]), "torch CPU stream changed by loading"
+
+
+def test_skip_beyond_the_epoch_is_an_error():
+    loader = build_loader(IndexedImages(lambda image: 0), batch_size=2, num_workers=0, seed=0)
+    with pytest.raises(ValueError, match=r"skip must lie in \[0, 12\]"):
+        loader.sampler.set_epoch(0, skip=13)
