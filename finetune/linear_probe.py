@@ -140,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         device = choose_device(args.device)
         transform = build_eval_transform(args.input_size, args.crop_pct)
         train_set, val_set, classes = build_datasets(args, transform, transform)
-        extractor = FeatureExtractor(args.model, args.checkpoint, device, args.amp)
+        extractor = FeatureExtractor(args.model, args.checkpoint, device, args.amp, args.input_size, args.crop_pct)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     start = time.perf_counter()

@@ -42,8 +42,8 @@ def test_smoke_study_writes_table_and_pictures(smoke_run):
     _, root, _ = smoke_run
     table = (root / "out" / "study.md").read_text()
     assert "| fine-tune top-1 (%) |" in table and "| linear probe top-1 (%) |" in table
-    with Image.open(root / "out" / "reconstructions.png") as picture:  # 4 columns of 64 px images
-        assert picture.width == 4 * 64 + 5 * 2
+    with Image.open(root / "out" / "reconstructions.png") as picture:  # 5 labelled columns of 64 px images
+        assert picture.width == 5 * 64 + 6 * 2
     pytest.importorskip("matplotlib")
     with Image.open(root / "out" / "pretrain_loss.png") as plot:
         assert plot.width > 100
