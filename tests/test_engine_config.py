@@ -4,15 +4,15 @@ import argparse
 import pytest
 import yaml
 
-from engine.config import (TRAINING_CHECKS, Check, ConfigError, add_training_arguments, load_yaml_defaults,
-                           parse_args, save_config, validate)
+from engine.config import (TRAINING_CHECKS, BooleanFlag, Check, ConfigError, add_training_arguments,
+                           load_yaml_defaults, parse_args, save_config, validate)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add_training_arguments(parser)
     parser.add_argument("--mask_ratio", type=float, default=0.6)
-    parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--norm_pix_loss", action=BooleanFlag, default=True)
     return parser
 
 
@@ -43,7 +43,7 @@ def test_yaml_values_are_converted_with_the_flag_type(tmp_path):
     ({"batch_sise": 4}, "unknown key 'batch_sise'; did you mean 'batch_size'"),
     ({"batch_size": 1.5}, "key 'batch_size': expected int"),
     ({"norm_pix_loss": "yes"}, "key 'norm_pix_loss': expected true or false"),
-    ({"amp": "fp8"}, "key 'amp': 'fp8' is not one of none, bf16, fp16"),
+    ({"amp": "fp8"}, "key 'amp': 'fp8' is not one of auto, none, bf16, fp16"),
 ])
 def test_bad_yaml_key_or_value_is_reported_with_file_and_key(tmp_path, values, expected):
     config = write_yaml(tmp_path, values)
