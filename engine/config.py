@@ -515,8 +515,7 @@ def default_num_workers(cpus: int, local_world_size: int = 1) -> int:
 
 def default_amp(device: torch.device | str, bf16_supported: Optional[bool] = None) -> str:
     """``--amp auto`` on ``device``: bf16 on CUDA GPUs with native bf16 (Ampere and later), fp16 on
-    older CUDA GPUs, none (fp32) elsewhere (CPU autocast is slower than fp32 on most CPUs).
-    ``bf16_supported`` None: ask the device."""
+    older CUDA GPUs, none (fp32) on CPU and MPS. ``bf16_supported`` None: ask the device."""
     device = torch.device(device)
     if device.type != "cuda":
         return "none"
