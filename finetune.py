@@ -436,8 +436,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      f"{DEMO_PRETRAINED})")
             _logger.info("No --data_path: demonstration run on embedded photos with %s as defaults (flags override "
                          "it) %s, writing to %s", DEMO_CONFIG.name, start, args.output_dir)
-        for line in [*args.notes, *hardware_choices]:
-            _logger.info("%s", line)
+        for note in args.notes:
+            _logger.info("%s", note)
+        _logger.info("chosen for this machine: %s", ", ".join(hardware_choices) or "nothing (all given)")
         return evaluate_checkpoint(args, info) if args.eval else finetune(args, info)
 
 

@@ -260,8 +260,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if args.demo:
             _logger.info("No --data_path: demonstration run on embedded photos with %s as defaults (flags override "
                          "it), writing to %s", DEMO_CONFIG.name, args.output_dir)
-        for line in [*args.notes, *hardware_choices]:
-            _logger.info("%s", line)
+        for note in args.notes:
+            _logger.info("%s", note)
+        _logger.info("chosen for this machine: %s", ", ".join(hardware_choices) or "nothing (all given)")
         return pretrain(args, info)
 
 
