@@ -142,9 +142,6 @@ class BooleanFlag(argparse.Action):
     def store(self, namespace: argparse.Namespace, value: bool) -> None:
         setattr(namespace, self.dest, value)
 
-    def format_usage(self) -> str:
-        return " | ".join(option for option in self.option_strings)
-
 
 class UseAmpFlag(BooleanFlag):
     """The official ``--use_amp BOOL`` written onto ``--amp``: True -> ``auto`` (bf16 on CUDA GPUs
