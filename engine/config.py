@@ -76,9 +76,12 @@ class TrainingArgumentParser(argparse.ArgumentParser):
         group.add_argument("--use_amp", dest="amp", action=UseAmpFlag, default=argparse.SUPPRESS,
                            help="True: --amp auto; False: --amp none")
         for flag in flags:
-            group.add_argument(*flag.names, dest=flag.dest, type=flag.type, nargs=flag.nargs,
-                               default=argparse.SUPPRESS, help=flag.reason,
-                               metavar="BOOL" if flag.type is parse_bool else None)
+            if flag.type is parse_bool:
+                group.add_argument(*flag.names, dest=flag.dest, action=BooleanFlag, default=argparse.SUPPRESS,
+                                   help=flag.reason)
+            else:
+                group.add_argument(*flag.names, dest=flag.dest, type=flag.type, nargs=flag.nargs,
+                                   default=argparse.SUPPRESS, help=flag.reason)
         self.official_flags += tuple(flags)
 
     def error(self, message: str):

@@ -132,10 +132,19 @@ def test_every_official_flag_is_accepted_at_its_official_default(cli, flags, ima
     (["--auto_resume", "False"], "auto_resume", False), (["--auto_resume", "0"], "auto_resume", False),
     (["--pin_mem", "false"], "pin_mem", False), (["--use_amp", "True"], "amp", "auto"),
     (["--use_amp", "False"], "amp", "none"), (["--use_checkpoint", "True"], "grad_checkpointing", True),
-    (["--norm_pix_loss", "False"], "norm_pix_loss", False),
+    (["--norm_pix_loss", "False"], "norm_pix_loss", False), (["--eval"], "eval", True), (["--eval", "1"], "eval", True),
 ])
 def test_official_boolean_values_are_honoured(flag_args, dest, value, imagenet_like):
-    assert getattr(parse("pretrain", [*flag_args, "--data_path", str(imagenet_like)]), dest) == value
+    cli = "finetune" if dest == "eval" else "pretrain"
+    assert getattr(parse(cli, [*flag_args, "--data_path", str(imagenet_like)]), dest) == value
+
+
+def test_accepted_official_booleans_take_the_same_forms(imagenet_like):
+    args = parse("finetune", ["--save_ckpt", "--no-resplit", "--disable_eval", "0", "--data_path", str(imagenet_like)])
+    assert args.notes == []
+    args = parse("finetune", ["--no-save_ckpt", "--data_path", str(imagenet_like)])
+    assert args.notes == ["--save_ckpt False: ignored; checkpoints are always written (resuming needs them); "
+                          "--save_ckpt_freq sets how often"]
 
 
 def test_save_ckpt_is_its_own_flag_not_an_ambiguous_prefix(imagenet_like):
