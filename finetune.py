@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,8 +33,9 @@ import torch
 from engine.checkpoint import (atomic_write, find_resume_checkpoint, latest_valid_checkpoint, restore_training_state,
                                save_checkpoint)
 from engine.cli import cli_errors, parse_and_validate
-from engine.config import (Check, ConfigError, TRAINING_CHECKS, add_training_arguments, check_output_folders,
-                           config_dict, save_config)
+from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
+                           TrainingArgumentParser, add_training_arguments, check_output_folders, config_dict,
+                           optional_path, parse_bool, resolve_hardware_defaults, save_config)
 from engine.data import build_loader
 from engine.distributed import DistributedInfo, init_distributed, wrap_ddp
 from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
@@ -64,39 +64,41 @@ BEST_CHECKPOINTS = {"model": "checkpoint-best.pth", "ema": "checkpoint-best-ema.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Fine-tune ConvNeXt V2 on an image folder (run with no arguments for a short CPU demo).",
+    parser = TrainingArgumentParser(
+        description="Fine-tune ConvNeXt V2 on an image folder. Without --data_path (and --config) it runs a short CPU "
+                    f"demo on embedded photos: {DEMO_CONFIG.name} gives the defaults, flags override them.",
         epilog=f"Defaults are the convnextv2_base recipe (with neither --lr nor --blr, blr is {RECIPE_BLR}); "
                "per-size recipes: --config configs/finetune_<size>.yaml.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_training_arguments(parser)
     model = parser.add_argument_group("fine-tuning")
-    model.add_argument("--finetune", type=str, default=None,
+    model.add_argument("--finetune", type=optional_path, default=None,
                        help="initial weights: any checkpoint models.load_pretrained reads (ours, encoder.safetensors, "
-                            "official FCMAE / fine-tuned / MinkowskiEngine); omitted: random initialisation")
-    model.add_argument("--nb_classes", type=int, default=None, help="classifier outputs (default: class folders)")
+                            "official FCMAE / fine-tuned / MinkowskiEngine) (default: random initialisation)")
+    model.add_argument("--nb_classes", type=int, default=None,
+                       help="classifier outputs (default: the number of class folders)")
     model.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
     model.add_argument("--layer_decay", type=float, default=0.6, help="layer-wise lr decay factor (1 = none)")
     model.add_argument("--layer_decay_type", choices=DECAY_TYPES, default="group",
                        help="single: one layer per block; group: stage 3 blocks in threes (depths 3,3,27,3)")
-    model.add_argument("--model_ema", action=argparse.BooleanOptionalAction, default=True,
+    model.add_argument("--model_ema", action=BooleanFlag, default=True,
                        help="keep an exponential moving average of the weights")
-    model.add_argument("--model_ema_decay", type=float, default=0.9999)
-    model.add_argument("--model_ema_eval", action=argparse.BooleanOptionalAction, default=True,
+    model.add_argument("--model_ema_decay", type=float, default=0.9999, help="EMA decay per optimizer update")
+    model.add_argument("--model_ema_eval", action=BooleanFlag, default=True,
                        help="evaluate the EMA weights every epoch and keep checkpoint-best-ema.pth")
     aug = parser.add_argument_group("augmentation and regularisation")
     aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     aug.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
     aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
-    aug.add_argument("--cutmix_minmax", type=float, nargs=2, default=None,
-                     help="CutMix box ratio min and max (overrides --cutmix alpha)")
+    aug.add_argument("--cutmix_minmax", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                     help="CutMix box ratio min and max, overriding --cutmix alpha (default: off)")
     aug.add_argument("--mixup_prob", type=float, default=1.0, help="probability of Mixup or CutMix per batch")
     aug.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of CutMix instead of Mixup")
     aug.add_argument("--mixup_mode", choices=MIXUP_MODES, default="batch", help="mix per batch, pair or element")
     aug.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('' for none)")
     aug.add_argument("--color_jitter", type=float, default=0.4, help="colour jitter (timm ignores it with --aa)")
-    aug.add_argument("--train_interpolation", choices=("bicubic", "bilinear", "random"), default="bicubic")
+    aug.add_argument("--train_interpolation", choices=("bicubic", "bilinear", "random"), default="bicubic",
+                     help="resize interpolation of the training crops")
     aug.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     aug.add_argument("--remode", choices=("pixel", "rand", "const"), default="pixel", help="random erasing fill")
     aug.add_argument("--recount", type=int, default=1, help="random erasing boxes")
@@ -104,15 +106,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--eval_data_path", type=str, default=None,
                             help="validation folder (default: <data_path>/val)")
     evaluation.add_argument("--crop_pct", type=float, default=None,
-                            help="eval: resize to input_size / crop_pct, center-crop (default 0.875; "
-                                 "from 384 px a plain resize)")
-    evaluation.add_argument("--eval", action="store_true",
-                            help="only evaluate: --resume, else --finetune, else the newest checkpoint in --output_dir")
-    evaluation.add_argument("--dist_eval", action=argparse.BooleanOptionalAction, default=False,
-                            help="split evaluation across processes (exact counts); else each evaluates all")
+                            help="eval: resize to input_size / crop_pct, center-crop (default: 0.875; "
+                                 "from 384 px a plain resize; with --eval, the checkpoint's)")
+    evaluation.add_argument("--eval", action=BooleanFlag, default=False,
+                            help="only evaluate: --resume, else --finetune, else the newest checkpoint in "
+                                 "--output_dir; --model, --input_size and --crop_pct default to the checkpoint's")
+    evaluation.add_argument("--dist_eval", action=BooleanFlag, default=True,
+                            help="split evaluation across processes (exact counts); off: each evaluates all")
     parser.set_defaults(batch_size=32, epochs=100, warmup_epochs=20, weight_decay=0.05, save_ckpt_freq=1,
                         output_dir="./output/finetune")
+    parser.add_official_flags(OFFICIAL_FINETUNE_FLAGS)
     return parser
+
+
+OFFICIAL_FINETUNE_FLAGS = OFFICIAL_LAUNCHER_FLAGS + (
+    OfficialFlag(("--model_ema_force_cpu",), parse_bool, (False,), "the EMA weights stay on the training device"),
+    OfficialFlag(("--warmup_steps",), int, (-1,), "unused by the official fine-tuning script too; use --warmup_epochs"),
+    OfficialFlag(("--weight_decay_end",), float, (None,), "unused by the official fine-tuning script too"),
+    OfficialFlag(("--resplit",), parse_bool, (False,), "unused by the official fine-tuning script too"),
+    OfficialFlag(("--momentum",), float, (0.9,), "SGD momentum; unused with AdamW, as in the official script"),
+    OfficialFlag(("--opt",), str, ("adamw",), "AdamW is the optimizer (the recipe's)", changes_recipe=True),
+    OfficialFlag(("--opt_eps",), float, (1e-8,), "AdamW eps is 1e-8", changes_recipe=True),
+    OfficialFlag(("--opt_betas",), float, (None, [0.9, 0.999]), "AdamW betas are 0.9 0.999", changes_recipe=True,
+                 nargs="+"),
+    OfficialFlag(("--head_init_scale",), float, (0.001,),
+                 "the new head is initialised with std 2e-5 (0.02 x 0.001, the official default)", changes_recipe=True),
+    OfficialFlag(("--model_key",), str, ("model|module",),
+                 "--finetune finds the weights in the checkpoint by itself (model, state_dict, module)",
+                 changes_recipe=True),
+    OfficialFlag(("--model_prefix",), str, ("",), "--finetune strips known prefixes by itself", changes_recipe=True),
+    OfficialFlag(("--imagenet_default_mean_and_std",), parse_bool, (True,), "the ImageNet mean and std are used",
+                 changes_recipe=True),
+    OfficialFlag(("--data_set",), str, ("IMNET", "image_folder"),
+                 "--data_path is an image folder (<root>/train/<class>/*.jpg); convert other datasets to one",
+                 changes_recipe=True),
+    OfficialFlag(("--disable_eval",), parse_bool, (False,),
+                 "fine-tuning evaluates every epoch, to keep checkpoint-best.pth", changes_recipe=True),
+)
 
 
 def _mixup_on(a: argparse.Namespace) -> bool:
@@ -326,6 +356,26 @@ def finetune(args: argparse.Namespace, info: DistributedInfo) -> dict:
     return best
 
 
+EVAL_SETTINGS_FROM_CHECKPOINT = ("model", "input_size", "crop_pct")
+
+
+def adopt_checkpoint_settings(args: argparse.Namespace, checkpoint) -> str:
+    """--eval: the model, input size and crop the checkpoint was trained with (its saved
+    configuration), unless the user set them; returns "--model X (source), ..." for the log."""
+    saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
+    used = []
+    for dest in EVAL_SETTINGS_FROM_CHECKPOINT:
+        if dest in args.set_by_user:
+            source = "given"
+        elif dest in saved:
+            setattr(args, dest, saved[dest])
+            source = "from the checkpoint"
+        else:
+            source = "default"
+        used.append(f"--{dest} {getattr(args, dest)} ({source})")
+    return ", ".join(used)
+
+
 def evaluate_checkpoint(args: argparse.Namespace, info: DistributedInfo) -> dict:
     """--eval: top-1/top-5 of a fine-tuned checkpoint (and of its EMA weights when it has them)."""
     path = args.resume or args.finetune
@@ -335,8 +385,9 @@ def evaluate_checkpoint(args: argparse.Namespace, info: DistributedInfo) -> dict
             raise ConfigError("--eval needs weights: pass --resume (a checkpoint of finetune.py) or --finetune "
                               f"(any fine-tuned checkpoint); there is none in --output_dir {args.output_dir}")
         path = found[0]
-    _, val_set, classes = build_datasets(args, None, build_eval_transform(args.input_size, args.crop_pct))
     raw = as_config_error(path, read_checkpoint, path)
+    _logger.info("evaluating %s with %s", path, adopt_checkpoint_settings(args, raw))
+    _, val_set, classes = build_datasets(args, None, build_eval_transform(args.input_size, args.crop_pct))
     if isinstance(raw, dict) and "classes" in raw:
         check_same_classes(raw["classes"], classes, "the checkpoint", "the data", f" (checkpoint {path})")
     head = as_config_error(path, convert_to_timm, raw, args.model).get("head.fc.weight")
@@ -363,7 +414,7 @@ def evaluate_checkpoint(args: argparse.Namespace, info: DistributedInfo) -> dict
 
 
 def demo_arguments() -> list[str]:
-    """`python finetune.py` with no arguments: the demo config, from the pretraining demo's encoder if present."""
+    """The demo's defaults: its config, and the pretraining demo's encoder if there is one."""
     argv = ["--config", str(DEMO_CONFIG)]
     if DEMO_PRETRAINED.is_file():
         argv += ["--finetune", str(DEMO_PRETRAINED)]
@@ -371,23 +422,23 @@ def demo_arguments() -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    demo = not argv
-    if demo:
-        argv = demo_arguments()
     parser = build_parser()
-    args = parse_and_validate(parser, argv, TRAINING_CHECKS + FINETUNE_CHECKS)
+    args = parse_and_validate(parser, argv, TRAINING_CHECKS + FINETUNE_CHECKS, demo_argv=demo_arguments())
     info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
+    hardware_choices = resolve_hardware_defaults(args, info.device)
     with cli_errors(parser):
         if info.is_main and not args.eval:
             check_output_folders(args)
         setup_logging(info.rank, None if args.eval else Path(args.output_dir) / "train.log")
-        if demo:
-            start = (f"from the FCMAE demo encoder {DEMO_PRETRAINED}" if args.finetune else
+        if args.demo:
+            start = (f"from {args.finetune}" if args.finetune else
                      f"from random initialisation (run `python pretrain.py` first to start from its "
                      f"{DEMO_PRETRAINED})")
-            _logger.info("No arguments: demonstration run with %s %s, writing to %s", DEMO_CONFIG.name, start,
-                         args.output_dir)
+            _logger.info("No --data_path: demonstration run on embedded photos with %s as defaults (flags override "
+                         "it) %s, writing to %s", DEMO_CONFIG.name, start, args.output_dir)
+        for note in args.notes:
+            _logger.info("%s", note)
+        _logger.info("chosen for this machine: %s", ", ".join(hardware_choices) or "nothing (all given)")
         return evaluate_checkpoint(args, info) if args.eval else finetune(args, info)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,8 +29,9 @@ import torch
 import fcmae
 from engine.checkpoint import find_resume_checkpoint, restore_training_state, save_checkpoint, save_safetensors
 from engine.cli import cli_errors, parse_and_validate
-from engine.config import (ConfigError, Check, TRAINING_CHECKS, add_training_arguments, check_output_folders,
-                           config_dict, save_config)
+from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
+                           TrainingArgumentParser, add_training_arguments, check_output_folders, config_dict,
+                           resolve_hardware_defaults, save_config)
 from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, build_loader, pretrain_transform
 from engine.distributed import (DistributedInfo, all_reduce_mean, check_replicas_identical,
                                 get_world_size, init_distributed, wrap_ddp)
@@ -52,23 +52,30 @@ ENCODER_EXPORT = "encoder.safetensors"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="FCMAE pretraining of ConvNeXt V2 (run with no arguments for a short CPU demo).",
+    parser = TrainingArgumentParser(
+        description="FCMAE pretraining of ConvNeXt V2. Without --data_path (and --config) it runs a short CPU demo "
+                    f"on embedded photos: {DEMO_CONFIG.name} gives the defaults, flags override them.",
         epilog=f"With neither --lr nor --blr, blr is {RECIPE_BLR} (the ConvNeXt V2 recipe). "
                "Per-size recipes: configs/pretrain_<size>.yaml.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_training_arguments(parser)
     group = parser.add_argument_group("FCMAE")
     group.add_argument("--backend", choices=list(BACKENDS), default="sparse",
                        help="how the encoder skips hidden patches (same weights for every backend)")
     group.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 patches hidden")
-    group.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--norm_pix_loss", action=BooleanFlag, default=True,
                        help="normalise each target patch by its mean/std")
     group.add_argument("--decoder_depth", type=int, default=1, help="ConvNeXt V2 blocks in the decoder")
     group.add_argument("--decoder_embed_dim", type=int, default=512, help="decoder width")
     parser.set_defaults(output_dir="./output/pretrain")
+    parser.add_official_flags(OFFICIAL_PRETRAIN_FLAGS)
     return parser
+
+
+OFFICIAL_PRETRAIN_FLAGS = OFFICIAL_LAUNCHER_FLAGS + (
+    OfficialFlag(("--crop_pct",), float, (None,), "pretraining does no evaluation (the official script ignores "
+                                                   "it too)"),
+)
 
 
 PRETRAIN_CHECKS = (
@@ -227,19 +234,20 @@ def pretrain(args: argparse.Namespace, info: DistributedInfo) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    demo = not argv
-    if demo:
-        argv = ["--config", str(DEMO_CONFIG)]
     parser = build_parser()
-    args = parse_and_validate(parser, argv, TRAINING_CHECKS + PRETRAIN_CHECKS)
+    args = parse_and_validate(parser, argv, TRAINING_CHECKS + PRETRAIN_CHECKS, demo_argv=["--config", str(DEMO_CONFIG)])
     info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
+    hardware_choices = resolve_hardware_defaults(args, info.device)
     with cli_errors(parser):
         if info.is_main:
             check_output_folders(args)
         setup_logging(info.rank, Path(args.output_dir) / "train.log")
-        if demo:
-            _logger.info("No arguments: demonstration run with %s, writing to %s", DEMO_CONFIG.name, args.output_dir)
+        if args.demo:
+            _logger.info("No --data_path: demonstration run on embedded photos with %s as defaults (flags override "
+                         "it), writing to %s", DEMO_CONFIG.name, args.output_dir)
+        for note in args.notes:
+            _logger.info("%s", note)
+        _logger.info("chosen for this machine: %s", ", ".join(hardware_choices) or "nothing (all given)")
         return pretrain(args, info)
 
 

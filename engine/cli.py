@@ -1,7 +1,8 @@
 """What both training CLIs (``pretrain.py``, ``finetune.py``) do around their work.
 
-* ``parse_and_validate(parser, argv, checks)``: argparse with ``--config`` YAML defaults, then the
-  table-driven checks; any problem exits with code 2 (argparse's usage error) before any work.
+* ``parse_and_validate(parser, argv, checks, demo_argv)``: argparse with ``--config`` YAML defaults
+  (the demo's without ``--data_path``/``--config``), then the table-driven checks; any problem
+  exits with code 2 and the error lines alone, before any work.
 * ``cli_errors(parser)``: a context for the run itself: a late configuration error (found once a
   checkpoint or dataset is read) also exits 2; a fault of the run (non-finite loss, unusable
   checkpoint, no readable image, failed write) is logged and exits 1; the process group is
@@ -16,7 +17,7 @@ import sys
 from typing import Iterable, Iterator, Optional, Sequence
 
 from .checkpoint import CheckpointError, OutputWriteError
-from .config import Check, ConfigError, parse_args, validate
+from .config import Check, ConfigError, official_flag_notes, parse_args, validate
 from .data import UnreadableDatasetError
 from .distributed import destroy_distributed
 from .loop import NonFiniteLossError
@@ -27,14 +28,22 @@ RUN_FAULTS = (NonFiniteLossError, CheckpointError, UnreadableDatasetError, Outpu
 
 
 def parse_and_validate(
-    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], checks: Iterable[Check]
+    parser: argparse.ArgumentParser,
+    argv: Optional[Sequence[str]],
+    checks: Iterable[Check],
+    demo_argv: Optional[Sequence[str]] = None,
 ) -> argparse.Namespace:
-    """Parsed and checked arguments (``--lr`` and ``--blr`` are mutually exclusive)."""
-    args = parse_args(parser, argv, exclusive=[("lr", "blr")])
+    """Parsed and checked arguments (``--lr`` and ``--blr`` are mutually exclusive; ``argv`` None:
+    ``sys.argv``). Besides the flags: ``args.demo`` (the demo settings are the defaults: no
+    ``--data_path``, no ``--config``), ``args.set_by_user`` (flags set on the command line or in
+    the user's ``--config``) and ``args.notes`` (official flags accepted but ignored, to log)."""
+    args = parse_args(parser, argv, exclusive=[("lr", "blr")], demo_argv=demo_argv)
+    official_checks = tuple(flag.check() for flag in getattr(parser, "official_flags", ()) if flag.changes_recipe)
     try:
-        validate(args, checks)
+        validate(args, (*checks, *official_checks))
     except ConfigError as error:
         parser.error(str(error))
+    args.notes = official_flag_notes(parser, args)
     return args
 
 

@@ -1,15 +1,27 @@
 """Command-line configuration shared by ``pretrain.py`` and ``finetune.py``.
 
+* ``TrainingArgumentParser``: argparse whose errors are the error lines alone (program, errors,
+  a pointer to ``-h``; exit code 2) and whose help states each default once.
 * ``add_training_arguments(parser)``: the flags both scripts share (official names where the
   official code has them); each script then ``parser.set_defaults(...)`` with its own recipe.
-* ``parse_args(parser, argv, exclusive=...)``: argparse plus ``--config file.yaml``, whose values
-  become the parser's defaults, so flags on the command line override them. YAML keys are the
-  flags' names without dashes (``mask_ratio: 0.6``); unknown keys and badly typed values are
-  errors naming the file and key. For each pair in ``exclusive`` (e.g. ``("lr", "blr")``) a flag
-  given on the command line clears the other's YAML value.
+  Every boolean flag uses ``BooleanFlag``: ``--flag``, ``--no-flag`` and ``--flag True/False``
+  (also ``true/false``, ``1/0``, ``yes/no``, as the official scripts' ``str2bool``).
+* ``parser.add_official_flags(flags)``: flags of the official ConvNeXt-V2 scripts that have no
+  counterpart here (``OfficialFlag`` tables: launcher flags, recipe knobs fixed here), accepted so
+  that their commands run unchanged; ``official_flag_notes`` lists the values ignored, for the
+  log. ``--use_amp`` maps onto ``--amp``, ``--use_checkpoint`` onto ``--grad_checkpointing``.
+* ``parse_args(parser, argv, exclusive=..., demo_argv=...)``: argparse plus ``--config file.yaml``,
+  whose values become the parser's defaults, so flags on the command line override them. YAML
+  keys are the flags' names without dashes (``mask_ratio: 0.6``, ``cutmix_minmax: [0.2, 0.8]``);
+  unknown keys and badly typed values are errors naming the file and key. For each pair in
+  ``exclusive`` (e.g. ``("lr", "blr")``) a flag given on the command line clears the other's YAML
+  value. Without ``--data_path`` and ``--config``, ``demo_argv`` (the demo's ``--config``) goes
+  first, so the demo settings are the defaults and flags override them (``args.demo``).
 * ``Check`` + ``validate(args, checks)``: table-driven validation run before any work; every
-  failure names the flag, the value and the fix, and all failures are reported together.
-  ``TRAINING_CHECKS`` covers the shared flags; every float flag must also be finite (no nan/inf).
+  failure names the flag, the value and the fix, and all failures are reported together, each
+  flag once. ``TRAINING_CHECKS`` covers the shared flags; every float flag must also be finite.
+* ``resolve_hardware_defaults(args, device, local_world_size)``: the ``auto`` defaults (``--amp``,
+  ``--num_workers``, ``--pin_mem``) for this machine, and TF32 for FP32 math on CUDA.
 * ``check_output_folders(args)``: creates ``--output_dir`` (and ``--log_dir``) and probes that a
   file can be written there, so an unusable folder fails at start, not at the first checkpoint.
 * ``save_config(args, path, derived)``: the resolved configuration as YAML (reloadable with
@@ -21,11 +33,13 @@ import argparse
 import difflib
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+import torch
 import yaml
 
 from models import check_model_name
@@ -38,13 +52,119 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the flag (or YAML key) and the fix."""
 
 
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+MAX_DEFAULT_WORKERS = 10  # DataLoader workers per process when --num_workers is not given
+
+
+# ---------------------------------------------------------------- the parser and its flags
+
+class TrainingArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser for the training CLIs: a mistake prints the error lines alone (no usage
+    block above them) and a pointer to ``-h``, exit code 2; help shows each default once."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsOnceHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.official_flags: tuple[OfficialFlag, ...] = ()
+
+    def add_official_flags(self, flags: Iterable["OfficialFlag"]) -> None:
+        """Accept ``flags`` (absent from the namespace unless given) and ``--use_amp``, in one help group."""
+        group = self.add_argument_group(
+            "accepted for the official ConvNeXt-V2 commands",
+            "flags with no counterpart here: values that match what this code does are accepted silently, "
+            "others are noted in the log as ignored, or rejected where they would change the recipe")
+        group.add_argument("--use_amp", dest="amp", action=UseAmpFlag, default=argparse.SUPPRESS,
+                           help="True: --amp auto; False: --amp none")
+        for flag in flags:
+            if flag.type is parse_bool:
+                group.add_argument(*flag.names, dest=flag.dest, action=BooleanFlag, default=argparse.SUPPRESS,
+                                   help=flag.reason)
+            else:
+                group.add_argument(*flag.names, dest=flag.dest, type=flag.type, nargs=flag.nargs,
+                                   default=argparse.SUPPRESS, help=flag.reason)
+        self.official_flags += tuple(flags)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: run `{self.prog} -h` for the flags and defaults\n")
+
+
+class DefaultsOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" unless the help already states its default or X is None (a flag
+    whose absence means something says what in its help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BooleanFlag):  # --flag [BOOL], --no-flag
+            return ", ".join(option if option in action.negatives else f"{option} [BOOL]"
+                             for option in action.option_strings)
+        return super()._format_action_invocation(action)
+
+
+_TRUE_WORDS = ("true", "1", "yes", "y", "t")
+_FALSE_WORDS = ("false", "0", "no", "n", "f")
+
+
+def parse_bool(text: str) -> bool:
+    """``True/False``, ``true/false``, ``1/0``, ``yes/no`` (the official scripts' ``str2bool``)."""
+    word = str(text).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False (or true/false, 1/0, yes/no), got {text!r}")
+
+
+class BooleanFlag(argparse.Action):
+    """A boolean flag every way it is written: ``--flag`` (True), ``--no-flag`` (False) and
+    ``--flag VALUE`` with VALUE as ``parse_bool`` reads it, as the official commands do
+    (``--model_ema True``). Every alias gets its ``--no-`` form."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, default: Any = None, help: Optional[str] = None,
+                 **kwargs):
+        negatives = [f"--no-{option[2:]}" for option in option_strings if option.startswith("--")]
+        super().__init__([*option_strings, *negatives], dest, nargs="?", default=default, metavar="BOOL",
+                         help=help, **kwargs)
+        self.negatives = frozenset(negatives)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.negatives:
+            if values is not None:
+                raise argparse.ArgumentError(self, f"{option_string} takes no value (got {values!r})")
+            self.store(namespace, False)
+            return
+        try:
+            self.store(namespace, True if values is None else parse_bool(values))
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentError(self, str(error)) from None
+
+    def store(self, namespace: argparse.Namespace, value: bool) -> None:
+        setattr(namespace, self.dest, value)
+
+
+class UseAmpFlag(BooleanFlag):
+    """The official ``--use_amp BOOL`` written onto ``--amp``: True -> ``auto`` (bf16 on CUDA GPUs
+    that have it, fp16 on older ones; the official script's CUDA autocast does nothing on CPU,
+    and neither does ``auto``), False -> ``none``."""
+
+    def store(self, namespace: argparse.Namespace, value: bool) -> None:
+        setattr(namespace, self.dest, "auto" if value else "none")
+
+
+def optional_path(text: str) -> Optional[str]:
+    """A path, or None for "" (the official scripts' "none" for --resume / --finetune)."""
+    return text or None
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the flags pretraining and fine-tuning share; returns ``parser``."""
     parser.add_argument("--config", type=str, default=None, metavar="FILE.yaml",
-                        help="YAML file of defaults (keys = flag names without dashes); flags override it")
+                        help="YAML file of defaults (keys = flag names without dashes); flags override it. "
+                             "Without --config and --data_path the script's demo settings are the defaults")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=str, default="convnextv2_base", help="convnextv2_<atto|...|huge>")
@@ -64,58 +184,132 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="absolute learning rate (give --lr or --blr, not both)")
     optim.add_argument("--blr", type=float, default=None,
                        help="base learning rate: lr = blr * effective batch / 256 "
-                            "(the script's recipe value when neither --lr nor --blr is given)")
+                            "(default: the script's recipe value, when neither --lr nor --blr is given)")
     optim.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine schedule")
     optim.add_argument("--weight_decay", type=float, default=0.05,
                        help="AdamW weight decay (never on norms, biases, GRN, mask token)")
-    optim.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value")
-    optim.add_argument("--amp", choices=AMP_MODES, default="none",
-                       help="autocast precision; fp16 adds a GradScaler")
-    optim.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="wrap the model in torch.compile")
+    optim.add_argument("--clip_grad", type=float, default=None,
+                       help="clip the gradient norm to this value (default: no clipping)")
+    optim.add_argument("--amp", choices=AMP_MODES, default="auto",
+                       help="autocast precision; fp16 adds a GradScaler. auto: bf16 on CUDA GPUs with bf16, "
+                            "fp16 on older CUDA GPUs, none (fp32) on CPU and MPS")
+    optim.add_argument("--compile", action=BooleanFlag, default=False, help="wrap the model in torch.compile")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", type=str, default=None,
-                      help="ImageNet-style root (<root>/train/<class>/*.jpg, or <root>/<class>/*.jpg); "
-                           "omitted: embedded scikit-image photos")
+                      help="ImageNet-style root (<root>/train/<class>/*.jpg, or <root>/<class>/*.jpg) "
+                           "(default: the demo on embedded scikit-image photos)")
     data.add_argument("--embedded_samples", type=int, default=256,
                       help="random crops per epoch from the embedded photos (only without --data_path)")
-    data.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes per process")
+    data.add_argument("--num_workers", type=int, default=None,
+                      help="DataLoader worker processes per process (default: the CPUs available to each "
+                           f"process on this node minus one, at most {MAX_DEFAULT_WORKERS})")
+    data.add_argument("--pin_mem", action=BooleanFlag, default=None,
+                      help="pinned host memory for batches (default: on with CUDA, else off)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", type=str, default="./output", help="checkpoints, logs, exports")
     run.add_argument("--log_dir", type=str, default=None,
-                     help="TensorBoard folder; None means <output_dir>/tensorboard")
-    run.add_argument("--resume", type=str, default=None, help="checkpoint file to resume from")
-    run.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                     help="TensorBoard folder (default: <output_dir>/tensorboard)")
+    run.add_argument("--resume", type=optional_path, default=None,
+                     help="checkpoint file to resume from (default: the newest in --output_dir with --auto_resume)")
+    run.add_argument("--auto_resume", action=BooleanFlag, default=True,
                      help="resume from the latest valid checkpoint in --output_dir")
     run.add_argument("--save_ckpt_freq", type=int, default=20, help="save a checkpoint every N epochs")
     run.add_argument("--save_ckpt_num", type=int, default=3, help="keep the last N checkpoints")
     run.add_argument("--print_freq", type=int, default=20, help="progress line every N iterations")
     run.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation, masks")
     run.add_argument("--device", type=str, default=None,
-                     help="cpu | cuda | cuda:<i> | mps; None picks CUDA, then MPS, then CPU")
+                     help="cpu | cuda | cuda:<i> | mps (default: CUDA, then MPS, then CPU)")
     run.add_argument("--dist_timeout", type=int, default=1800,
                      help="seconds a process waits for the others (e.g. while rank 0 saves a checkpoint) "
                           "before a hung rank fails the job")
     run.add_argument("--cpu_threads", type=int, default=None,
                      help="torch threads per process on CPU (default: PyTorch's choice); 1 avoids "
                           "stalls on a busy or small machine")
+    run.add_argument("--grad_checkpointing", "--use_checkpoint", action=BooleanFlag, default=False,
+                     help="activation checkpointing: less memory, ~30%% more compute")
     return parser
+
+
+# ---------------------------------------------------------------- flags of the official scripts
+
+@dataclass(frozen=True)
+class OfficialFlag:
+    """A flag of the official ConvNeXt-V2 scripts with no counterpart here, accepted so that their
+    commands run unchanged. ``ours``: values that describe what this code does anyway (nothing to
+    say). Other values are noted in the log as ignored, with ``reason``; or, for ``changes_recipe``
+    flags (where ignoring the value would silently train something else), rejected."""
+
+    names: tuple[str, ...]
+    type: Callable[[str], Any]
+    ours: tuple
+    reason: str
+    changes_recipe: bool = False
+    nargs: Optional[str] = None
+
+    @property
+    def dest(self) -> str:
+        return self.names[0].lstrip("-")
+
+    def check(self) -> "Check":
+        return Check(self.names[0], lambda args: getattr(args, self.dest, self.ours[0]) in self.ours,
+                     f"not supported: {self.reason}")
+
+
+_ANY_VALUE_IS_IGNORED = ()  # ``ours`` of flags whose every value is noted
+
+OFFICIAL_LAUNCHER_FLAGS: tuple[OfficialFlag, ...] = (
+    OfficialFlag(("--local_rank", "--local-rank"), int, _ANY_VALUE_IS_IGNORED,
+                 "the launcher's LOCAL_RANK environment variable gives the local rank"),
+    OfficialFlag(("--world_size",), int, _ANY_VALUE_IS_IGNORED,
+                 "the launcher's WORLD_SIZE environment variable gives the number of processes"),
+    OfficialFlag(("--dist_url",), str, ("env://",),
+                 "processes meet through the launcher's environment (env://: MASTER_ADDR, MASTER_PORT)"),
+    OfficialFlag(("--dist_on_itp",), parse_bool, (False,),
+                 "OpenMPI/ITP environments are not read; launch with torchrun (or submitit_*.py on Slurm)",
+                 changes_recipe=True),
+    OfficialFlag(("--start_epoch",), int, (0,),
+                 "the start epoch comes from the checkpoint resumed (--resume or --auto_resume)"),
+    OfficialFlag(("--save_ckpt",), parse_bool, (True,),
+                 "checkpoints are always written (resuming needs them); --save_ckpt_freq sets how often"),
+)
+
+
+def official_flag_notes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Remove the official-only flags from ``args``; one line per value given that is not ours."""
+    notes = []
+    for flag in getattr(parser, "official_flags", ()):
+        if hasattr(args, flag.dest):
+            value = vars(args).pop(flag.dest)
+            if value not in flag.ours:
+                notes.append(f"{flag.names[0]} {value}: ignored; {flag.reason}")
+    return notes
 
 
 # ---------------------------------------------------------------- parsing with YAML defaults
 
 _NOT_GIVEN = object()  # marks flags absent from the command line
+NOT_FLAGS = ("config", "demo", "set_by_user", "notes")  # what parsing adds to the namespace besides the flags
 
 
 def parse_args(
     parser: argparse.ArgumentParser,
     argv: Optional[Sequence[str]] = None,
     exclusive: Iterable[tuple[str, str]] = (),
+    demo_argv: Optional[Sequence[str]] = None,
 ) -> argparse.Namespace:
-    """Parse ``argv`` with ``--config`` YAML values as defaults; exits with a message on errors."""
-    pre_parser = argparse.ArgumentParser(add_help=False)
+    """Parse ``argv`` with ``--config`` YAML values as defaults; exits with a message on errors.
+
+    With ``demo_argv`` and neither ``--data_path`` nor ``--config`` in ``argv``, ``demo_argv`` goes
+    first (so ``argv`` overrides it). Besides the flags, the namespace has ``demo`` (bool) and
+    ``set_by_user`` (the flags the user set: on the command line or in their ``--config`` file)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    user_dests = _dests_given_on_command_line(parser, argv)
+    demo = demo_argv is not None and not {"data_path", "config"} & user_dests
+    if demo:
+        argv = [*demo_argv, *argv]
+    pre_parser = TrainingArgumentParser(prog=parser.prog, add_help=False)
     pre_parser.add_argument("--config", default=None)
     config_path = pre_parser.parse_known_args(argv)[0].config
     yaml_values: dict[str, Any] = {}
@@ -130,7 +324,10 @@ def parse_args(
             if given in cli_dests and other in yaml_values and other not in cli_dests:
                 del yaml_values[other]  # the command line decides between the pair
     parser.set_defaults(**yaml_values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.demo = demo
+    args.set_by_user = frozenset(user_dests | (set() if demo else set(yaml_values))) - {"config"}
+    return args
 
 
 def load_yaml_defaults(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dict[str, Any]:
@@ -144,7 +341,10 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str | os.PathLike)
         raise ConfigError(f"--config {path}: not valid YAML ({error})") from error
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}")
-    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest not in ("help", "config"):
+            actions.setdefault(action.dest, action)  # --amp before --use_amp, which writes the same key
     converted = {}
     for key, value in values.items():
         if key not in actions:
@@ -157,18 +357,30 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str | os.PathLike)
 
 def _convert_yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
     if value is None:
+        if action.default is not None and action.default is not argparse.SUPPRESS:
+            raise ConfigError(f"{where}: expected a value, got null (leave the key out for the default)")
         return None
-    takes_bool = isinstance(action, argparse.BooleanOptionalAction) or isinstance(action.const, bool)
-    if takes_bool:
+    if isinstance(action, (BooleanFlag, argparse.BooleanOptionalAction)) or isinstance(action.const, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a value for --{action.dest}, got the boolean {value}")
+    takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if takes_list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list such as [0.2, 0.8], got {value!r}")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise ConfigError(f"{where}: expected {action.nargs} values, got {len(value)}")
+        return [_convert_yaml_scalar(action, item, where) for item in value]
+    return _convert_yaml_scalar(action, value, where)
+
+
+def _convert_yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(value, (bool, list, dict)):
+        raise ConfigError(f"{where}: expected one value for --{action.dest}, got {value!r}")
     if action.type is not None:
         try:
             value = action.type(str(value))  # str() first: int("1.5") fails instead of truncating
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
             type_name = getattr(action.type, "__name__", str(action.type))
             raise ConfigError(f"{where}: expected {type_name}, got {value!r}") from error
     if action.choices is not None and value not in action.choices:
@@ -176,7 +388,7 @@ def _convert_yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
     return value
 
 
-def _dests_given_on_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> set[str]:
+def _dests_given_on_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     # argparse fills in a default only where the namespace lacks the attribute, so
     # attributes still holding the sentinel afterwards were not on the command line
     probe = argparse.Namespace(**{
@@ -198,12 +410,14 @@ class Check:
 
 
 def validate(args: argparse.Namespace, checks: Iterable[Check]) -> None:
-    """Raise ConfigError listing every failed check as ``--flag value: fix``."""
-    failures = [f"--{dest} {value!r}: must be a finite number" for dest, value in vars(args).items()
-                if _has_non_finite_float(value)]
+    """Raise ConfigError listing every failed check as ``--flag value: fix``, each flag once (its
+    first failure: a non-finite float as such, since nan fails every other check too)."""
+    reported = [dest for dest, value in vars(args).items() if _has_non_finite_float(value)]
+    failures = [f"--{dest} {getattr(args, dest)!r}: must be a finite number" for dest in reported]
     for check in checks:
-        if not check.is_valid(args):
-            dest = check.flag.lstrip("-")
+        dest = check.flag.lstrip("-")
+        if dest not in reported and not check.is_valid(args):
+            reported.append(dest)
             shown = f" {getattr(args, dest)!r}" if hasattr(args, dest) else ""
             failures.append(f"{check.flag}{shown}: {check.fix}")
     if failures:
@@ -268,7 +482,8 @@ TRAINING_CHECKS: tuple[Check, ...] = (
           "no such folder; give an ImageNet-style root (<root>/train/<class>/*.jpg) or leave it out "
           "for the embedded photos"),
     Check("--embedded_samples", lambda a: a.embedded_samples >= 1, "must be >= 1"),
-    Check("--num_workers", lambda a: a.num_workers >= 0, "must be >= 0 (0 loads data in the main process)"),
+    Check("--num_workers", lambda a: a.num_workers is None or a.num_workers >= 0,
+          "must be >= 0 (0 loads data in the main process; leave it out for a value fitting this machine)"),
     Check("--resume", lambda a: a.resume is None or Path(a.resume).is_file(),
           "no such checkpoint file; give a checkpoint-<epoch>.pth path or use --auto_resume"),
     Check("--save_ckpt_freq", lambda a: a.save_ckpt_freq >= 1, "must be >= 1 (epochs between checkpoints)"),
@@ -283,13 +498,77 @@ TRAINING_CHECKS: tuple[Check, ...] = (
 )
 
 
+# ---------------------------------------------------------------- defaults that depend on the hardware
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm or container limit)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_num_workers(cpus: int, local_world_size: int = 1) -> int:
+    """DataLoader workers per process: this process's share of the node's CPUs minus one (the
+    process itself runs the training step and feeds the device), at most MAX_DEFAULT_WORKERS.
+    2 CPUs and one process: 1 worker; 8 GPUs on 96 CPUs: 10 each."""
+    share = cpus // max(local_world_size, 1)
+    return max(0, min(share - 1, MAX_DEFAULT_WORKERS))
+
+
+def default_amp(device: torch.device | str, bf16_supported: Optional[bool] = None) -> str:
+    """``--amp auto`` on ``device``: bf16 on CUDA GPUs with native bf16 (Ampere and later), fp16 on
+    older CUDA GPUs, none (fp32) on CPU and MPS. ``bf16_supported`` None: ask the device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "none"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16" if bf16_supported else "fp16"
+
+
+def resolve_hardware_defaults(
+    args: argparse.Namespace,
+    device: torch.device | str,
+    local_world_size: Optional[int] = None,
+    cpus: Optional[int] = None,
+    bf16_supported: Optional[bool] = None,
+) -> list[str]:
+    """Replace the machine-dependent defaults in ``args`` once the device is known: ``--amp auto``
+    (``default_amp``), ``--num_workers`` not given (``default_num_workers`` from ``cpus``,
+    default ``available_cpus()``, and ``local_world_size``, default torchrun's LOCAL_WORLD_SIZE
+    or 1), ``--pin_mem`` not given (on with CUDA). On CUDA also allow
+    TF32 for FP32 matmuls and convolutions (what ``--amp none`` then computes in). Returns one
+    line per value chosen here, for the log."""
+    device = torch.device(device)
+    chosen = []
+    if args.amp == "auto":
+        args.amp = default_amp(device, bf16_supported)
+        chosen.append(f"--amp {args.amp} (auto on {device.type})")
+    if args.num_workers is None:
+        cpus = available_cpus() if cpus is None else cpus
+        if local_world_size is None:
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        args.num_workers = default_num_workers(cpus, local_world_size)
+        chosen.append(f"--num_workers {args.num_workers} ({cpus} CPUs, {local_world_size} training processes "
+                      "on this node)")
+    if args.pin_mem is None:
+        args.pin_mem = device.type == "cuda"
+        chosen.append(f"--pin_mem {args.pin_mem}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        chosen.append("TF32 on for FP32 matmuls and convolutions")
+    return chosen
+
+
 # ---------------------------------------------------------------- resolved configuration
 
 def config_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """``vars(args)`` without ``config``, paths as strings: plain YAML/JSON/weights_only types."""
+    """The flags' values (``vars(args)`` without ``NOT_FLAGS``), paths as strings: plain
+    YAML/JSON/weights_only types."""
     return {
         key: (os.fspath(value) if isinstance(value, os.PathLike) else value)
-        for key, value in vars(args).items() if key != "config"
+        for key, value in vars(args).items() if key not in NOT_FLAGS
     }
 
 

@@ -5,7 +5,8 @@
 * ``build_adamw(model, lr, weight_decay, betas, param_group_fn=None)``: timm's
   ``create_optimizer_v2``; weight decay only on >= 2-D weights, none on biases, norms and GRN
   gamma/beta (all 1-D) or on the names ``model.no_weight_decay()`` returns (the FCMAE mask token).
-  Fine-tuning passes ``param_group_fn`` for its own groups (layer-wise lr decay).
+  Fine-tuning passes ``param_group_fn`` for its own groups (layer-wise lr decay). Fused
+  kernel on CUDA.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def build_adamw(
     betas: tuple[float, float] = (0.9, 0.95),
     param_group_fn: Optional[Callable[[nn.Module], list]] = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``model`` (unwrapped: not DDP / torch.compile) with decay-free groups as above."""
+    """AdamW over ``model`` (unwrapped: not DDP / torch.compile) with decay-free groups as above;
+    the fused CUDA kernel (one launch for all parameters) when every parameter is on CUDA."""
+    on_cuda = all(param.is_cuda for param in model.parameters())
     return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, betas=betas,
-                               param_group_fn=param_group_fn)
+                               param_group_fn=param_group_fn, **({"fused": True} if on_cuda else {}))

@@ -1,18 +1,26 @@
-"""engine.config: YAML defaults under command-line flags, validation that names the flag."""
+"""engine.config: YAML defaults under command-line flags, boolean flags written every way,
+validation that names the flag, the demo as defaults, defaults resolved per machine."""
 import argparse
 
 import pytest
+import torch
 import yaml
 
-from engine.config import (TRAINING_CHECKS, Check, ConfigError, add_training_arguments, load_yaml_defaults,
-                           parse_args, save_config, validate)
+import pretrain
+from engine.config import (TRAINING_CHECKS, BooleanFlag, Check, ConfigError, DefaultsOnceHelpFormatter,
+                           add_training_arguments, config_dict, default_amp, default_num_workers,
+                           load_yaml_defaults, parse_args, resolve_hardware_defaults, save_config, validate)
+from finetune_helpers import load_finetune_script
+
+finetune_cli = load_finetune_script()
+CLIS = {"pretrain": pretrain, "finetune": finetune_cli}
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add_training_arguments(parser)
     parser.add_argument("--mask_ratio", type=float, default=0.6)
-    parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--norm_pix_loss", action=BooleanFlag, default=True)
     return parser
 
 
@@ -43,7 +51,7 @@ def test_yaml_values_are_converted_with_the_flag_type(tmp_path):
     ({"batch_sise": 4}, "unknown key 'batch_sise'; did you mean 'batch_size'"),
     ({"batch_size": 1.5}, "key 'batch_size': expected int"),
     ({"norm_pix_loss": "yes"}, "key 'norm_pix_loss': expected true or false"),
-    ({"amp": "fp8"}, "key 'amp': 'fp8' is not one of none, bf16, fp16"),
+    ({"amp": "fp8"}, "key 'amp': 'fp8' is not one of auto, none, bf16, fp16"),
 ])
 def test_bad_yaml_key_or_value_is_reported_with_file_and_key(tmp_path, values, expected):
     config = write_yaml(tmp_path, values)
@@ -109,12 +117,138 @@ def test_default_configuration_is_valid():
     validate(parse_args(make_parser(), []), TRAINING_CHECKS)
 
 
-def test_saved_config_reloads_to_the_same_arguments(tmp_path):
-    parser = make_parser()
-    args = parse_args(parser, ["--batch_size", "3", "--blr", "2e-4", "--no-norm_pix_loss",
-                               "--data_path", str(tmp_path)])
-    path = save_config(args, tmp_path / "out" / "config.yaml", {"effective_batch_size": 24})
+def non_default_argv(parser: argparse.ArgumentParser) -> list[str]:
+    """A command line giving every flag of ``parser`` a value other than its default."""
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config") or action.default is argparse.SUPPRESS:
+            continue  # -h, --config, and the official flags that are only accepted (absent from the namespace)
+        flag, default = action.option_strings[0], action.default
+        if isinstance(action, BooleanFlag):
+            argv += [flag, "False"] if default in (True, None) else [flag]
+        elif action.choices is not None:
+            argv += [flag, next(str(choice) for choice in action.choices if choice != default)]
+        elif action.nargs == 2:
+            argv += [flag, "0.25", "0.75"]
+        elif action.type is int:
+            argv += [flag, str(7 if default is None else default + 3)]
+        elif action.type is float:
+            argv += [flag, str(0.375 if default is None else default / 2 + 0.0625)]
+        else:
+            argv += [flag, "convnextv2_femto" if action.dest == "model" else f"some/{action.dest}"]
+    return argv
+
+
+@pytest.mark.parametrize("cli", list(CLIS))
+@pytest.mark.parametrize("values", ["every flag changed", "defaults (None, lists absent)"])
+def test_each_cli_saved_config_reloads_to_the_same_flags(cli, values, tmp_path):
+    parser = CLIS[cli].build_parser()
+    argv = non_default_argv(parser) if values == "every flag changed" else []
+    args = parse_args(parser, argv)
+    if values == "every flag changed":
+        defaults = vars(CLIS[cli].build_parser().parse_args([]))
+        unchanged = [dest for dest, value in config_dict(args).items() if value == defaults[dest]]
+        assert not unchanged, f"the test left flags at their defaults: {unchanged}"
+    path = save_config(args, tmp_path / "config.yaml", {"effective_batch_size": 24})
     assert "# effective_batch_size: 24" in path.read_text()
-    reloaded = parse_args(make_parser(), ["--config", str(path)])
-    assert {k: v for k, v in vars(reloaded).items() if k != "config"} == \
-           {k: v for k, v in vars(args).items() if k != "config"}
+    reloaded = parse_args(CLIS[cli].build_parser(), ["--config", str(path)])
+    assert config_dict(reloaded) == config_dict(args)
+
+
+def test_list_flag_from_yaml_takes_each_value_with_the_flag_type(tmp_path):
+    config = write_yaml(tmp_path, {"cutmix_minmax": ["0.2", 0.8]})
+    assert parse_args(finetune_cli.build_parser(), ["--config", config]).cutmix_minmax == [0.2, 0.8]
+    with pytest.raises(ConfigError, match="key 'cutmix_minmax': expected 2 values, got 3"):
+        load_yaml_defaults(finetune_cli.build_parser(), write_yaml(tmp_path, {"cutmix_minmax": [0.1, 0.2, 0.3]}))
+    with pytest.raises(ConfigError, match="key 'cutmix_minmax': expected a list such as"):
+        load_yaml_defaults(finetune_cli.build_parser(), write_yaml(tmp_path, {"cutmix_minmax": 0.5}))
+
+
+def test_yaml_null_is_an_error_for_a_flag_that_needs_a_value(tmp_path):
+    with pytest.raises(ConfigError, match="key 'epochs': expected a value, got null"):
+        load_yaml_defaults(make_parser(), write_yaml(tmp_path, {"epochs": None}))
+    assert parse_args(make_parser(), ["--config", write_yaml(tmp_path, {"lr": None})]).lr is None
+
+
+@pytest.mark.parametrize("words, expected", [
+    ([], True), (["True"], True), (["true"], True), (["1"], True), (["yes"], True),
+    (["False"], False), (["false"], False), (["0"], False), (["no"], False),
+])
+def test_boolean_flag_takes_a_value_or_none(words, expected):
+    assert parse_args(make_parser(), ["--no-norm_pix_loss", "--norm_pix_loss", *words]).norm_pix_loss is expected
+    assert parse_args(make_parser(), ["--compile", *words, "--epochs", "3"]).compile is expected
+
+
+def test_boolean_flag_rejects_other_words_and_a_value_after_no(capsys):
+    for argv, message in ((["--compile", "maybe"], "expected True or False"),
+                          (["--no-compile", "True"], "--no-compile takes no value")):
+        with pytest.raises(SystemExit):
+            parse_args(make_parser(), argv)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cli", list(CLIS))
+def test_help_states_each_default_at_most_once(cli):
+    parser = CLIS[cli].build_parser()
+    formatter = DefaultsOnceHelpFormatter(parser.prog)
+    for action in parser._actions:
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.count("(default") <= 1, f"{action.option_strings}: {text}"
+    assert "(default: None)" not in parser.format_help()
+
+
+@pytest.mark.parametrize("cli", list(CLIS))
+def test_without_data_path_and_config_the_demo_settings_are_the_defaults(cli, tmp_path):
+    parser, demo_argv = CLIS[cli].build_parser, ["--config", str(CLIS[cli].DEMO_CONFIG)]
+    demo = yaml.safe_load(CLIS[cli].DEMO_CONFIG.read_text())
+    args = parse_args(parser(), ["--epochs", "1"], demo_argv=demo_argv)
+    assert args.demo and args.epochs == 1 and args.set_by_user == {"epochs"}
+    assert (args.model, args.input_size, args.warmup_epochs) == (demo["model"], demo["input_size"],
+                                                                  demo["warmup_epochs"])
+    validate(args, TRAINING_CHECKS)  # warmup 1 <= epochs 1: `--epochs 1` alone is a valid demo
+    args = parse_args(parser(), ["--data_path", str(tmp_path)], demo_argv=demo_argv)
+    assert not args.demo and args.model == "convnextv2_base"
+    config = write_yaml(tmp_path, {"epochs": 2})
+    args = parse_args(parser(), ["--config", config], demo_argv=demo_argv)
+    assert not args.demo and args.model == "convnextv2_base" and args.set_by_user == {"epochs"}
+
+
+def test_any_pretraining_flag_keeps_the_demo(tmp_path):
+    args = parse_args(pretrain.build_parser(), ["--backend", "minkowski"],
+                      demo_argv=["--config", str(pretrain.DEMO_CONFIG)])
+    assert args.demo and args.backend == "minkowski" and args.model == "convnextv2_atto" and args.epochs == 8
+
+
+@pytest.mark.parametrize("cpus, processes, workers", [(1, 1, 0), (2, 1, 1), (4, 1, 3), (64, 1, 10), (16, 8, 1),
+                                                      (96, 8, 10), (8, 8, 0)])
+def test_default_workers_leave_a_cpu_to_each_training_process(cpus, processes, workers):
+    assert default_num_workers(cpus, processes) == workers
+
+
+@pytest.mark.parametrize("device, bf16, amp", [("cuda", True, "bf16"), ("cuda:3", True, "bf16"),
+                                               ("cuda", False, "fp16"), ("cpu", True, "none"), ("mps", True, "none")])
+def test_auto_amp_is_bf16_on_cuda_where_supported_and_fp32_elsewhere(device, bf16, amp):
+    assert default_amp(device, bf16_supported=bf16) == amp
+
+
+@pytest.fixture
+def restore_fp32_precision():
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    yield
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def test_resolution_fills_only_what_was_left_to_the_machine(restore_fp32_precision, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    args = parse_args(make_parser(), [])
+    lines = resolve_hardware_defaults(args, "cuda:1", cpus=96, bf16_supported=True)
+    assert (args.amp, args.num_workers, args.pin_mem) == ("bf16", 10, True)
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert len(lines) == 4 and "--num_workers 10 (96 CPUs, 8 training processes on this node)" in lines
+    args = parse_args(make_parser(), ["--amp", "none", "--num_workers", "0", "--pin_mem", "False"])
+    assert resolve_hardware_defaults(args, "cuda", 1, cpus=96, bf16_supported=True) == [
+        "TF32 on for FP32 matmuls and convolutions"]
+    assert (args.amp, args.num_workers, args.pin_mem) == ("none", 0, False)
+    args = parse_args(make_parser(), [])
+    resolve_hardware_defaults(args, "cpu", 1, cpus=2)
+    assert (args.amp, args.num_workers, args.pin_mem) == ("none", 1, False)

@@ -73,3 +73,10 @@ def test_no_weight_decay_on_norms_biases_grn_and_mask_token():
             "encoder.stem.1.weight", "decoder.0.mlp.grn.bias"} <= no_decay
     assert "encoder.stages.0.blocks.0.mlp.fc1.weight" in decay
     assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_adamw_is_fused_exactly_when_the_parameters_are_on_cuda(device):
+    model = torch.nn.Linear(4, 2).to(device)
+    assert bool(build_adamw(model, lr=1e-3, weight_decay=0.05).defaults["fused"]) is (device == "cuda")

@@ -40,7 +40,7 @@ def test_help_exits_zero():
     result = subprocess.run([sys.executable, str(REPO / "pretrain.py"), "-h"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "--norm_pix_loss, --no-norm_pix_loss" in result.stdout and "--mask_ratio" in result.stdout
+    assert "--norm_pix_loss [BOOL], --no-norm_pix_loss" in result.stdout and "--mask_ratio" in result.stdout
 
 
 def test_run_writes_checkpoint_export_logs_config_and_picture(tiny_run):

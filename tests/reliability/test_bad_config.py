@@ -75,7 +75,12 @@ OTHER_MISTAKES = [  # (cli, arguments, text the error must contain)
     ("pretrain", ["--lr", "1e-3", "--blr", "1e-4"], "--lr and --blr were both given"),
     ("finetune", ["--lr", "1e-3", "--blr", "1e-4"], "--lr and --blr were both given"),
     ("finetune", ["--no-model_ema", "--model_ema_eval"], "--model_ema_eval True: needs --model_ema"),
-    ("finetune", ["--batch_size", "3"], "--batch_size 3: must be even with Mixup/CutMix"),
+    ("finetune", ["--batch_size", "3", "--mixup", "0.8"], "--batch_size 3: must be even with Mixup/CutMix"),
+    ("finetune", ["--opt", "sgd"], "--opt 'sgd': not supported: AdamW is the optimizer"),
+    ("finetune", ["--data_set", "CIFAR"], "--data_set 'CIFAR': not supported: --data_path is an image folder"),
+    ("pretrain", ["--dist_on_itp", "True"], "--dist_on_itp True: not supported: OpenMPI/ITP environments"),
+    ("pretrain", ["--auto_resume", "maybe"], "argument --auto_resume/--no-auto_resume: expected True or False"),
+    ("pretrain", ["--no-auto_resume", "True"], "--no-auto_resume takes no value"),
     ("pretrain", ["--resume", "/no/such/checkpoint.pth"], "--resume '/no/such/checkpoint.pth': no such checkpoint"),
     ("finetune", ["--finetune", "/no/such/encoder.pt"], "--finetune '/no/such/encoder.pt': no such checkpoint"),
     ("pretrain", ["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
@@ -83,7 +88,9 @@ OTHER_MISTAKES = [  # (cli, arguments, text the error must contain)
 
 
 def numeric_flags(parser: argparse.ArgumentParser) -> set[str]:
-    return {action.option_strings[0] for action in parser._actions if action.type in (int, float)}
+    """The CLI's own numeric flags (not the official scripts' flags it merely accepts)."""
+    return {action.option_strings[0] for action in parser._actions
+            if action.type in (int, float) and action.default is not argparse.SUPPRESS}
 
 
 def run_cli(cli: str, argv: list[str]) -> int:
@@ -114,6 +121,7 @@ def test_out_of_range_value_stops_before_any_work_naming_the_flag(cli, flag, val
     assert run_cli(cli, ["--output_dir", str(output), flag, *value.split()]) == 2
     error = capsys.readouterr().err
     assert f"\n  {flag} " in error, f"{flag} {value} was not reported as invalid:\n{error[-600:]}"
+    assert error.count(f"\n  {flag} ") == 1, f"{flag} {value} reported more than once:\n{error}"
     if any(not math.isfinite(float(number)) for number in value.split()):
         assert f"{flag} {float(value)!r}: must be a finite number" in error
     assert not output.exists(), "nothing may be written for an invalid configuration"
@@ -151,3 +159,14 @@ def test_resume_of_a_checkpoint_of_another_model_size_names_both_sizes(cli, pret
     assert run_cli(cli, argv) == 2
     assert f"--model convnextv2_atto: checkpoint {resume} holds a convnextv2_femto" in capsys.readouterr().err
     assert {path.name for path in output.iterdir()} <= {"train.log"}, "nothing but the log may be written"
+
+
+@pytest.mark.parametrize("cli", list(CLIS))
+def test_a_mistake_prints_the_error_lines_alone_with_a_pointer_to_help(cli, tmp_path, capsys, no_work):
+    assert run_cli(cli, ["--output_dir", str(tmp_path / "out"), "--epochs", "-1", "--batch_size", "0"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    prog = CLIS[cli].build_parser().prog
+    assert lines == [f"{prog}: error: invalid configuration:", "  --batch_size 0: must be >= 1 (images per process)",
+                     "  --epochs -1: must be >= 0",
+                     "  --warmup_epochs 1: must be between 0 and --epochs; lower it or raise --epochs",
+                     f"{prog}: run `{prog} -h` for the flags and defaults"], "no usage block around the errors"
