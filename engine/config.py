@@ -169,8 +169,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=str, default="convnextv2_base", help="convnextv2_<atto|...|huge>")
     model.add_argument("--input_size", type=int, default=224, help="training image size in pixels")
-    model.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                       help="activation checkpointing: less memory, ~30%% more compute")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=64,
