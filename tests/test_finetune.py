@@ -204,7 +204,7 @@ def test_shuffled_distributed_sampler_is_refused_for_evaluation():
 
 # ---------------------------------------------------------------- recipes
 
-OFFICIAL_RECIPES = {  # DESIGN.md section 5: blr, epochs, warmup, decay type, layer decay, wd, drop path, mixup, cutmix, smoothing
+OFFICIAL_RECIPES = {  # docs/RECIPES.md: blr, epochs, warmup, decay type, layer decay, wd, drop path, mixup, cutmix, smoothing
     "atto": (2e-4, 600, 0, "single", 0.9, 0.3, 0.1, 0.0, 0.0, 0.2),
     "tiny": (8e-4, 300, 40, "single", 0.9, 0.05, 0.2, 0.8, 1.0, 0.1),
     "base": (6.25e-4, 100, 20, "group", 0.6, 0.05, 0.1, 0.8, 1.0, 0.1),

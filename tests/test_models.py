@@ -4,7 +4,7 @@ import torch
 
 from models import MODEL_CONFIGS, SparseConvNeXtV2, check_model_name, create_dense_model
 
-# published parameter counts in millions (DESIGN.md section 2), with a 1000-class head
+# published parameter counts in millions (docs/RECIPES.md), with a 1000-class head
 PUBLISHED_PARAMS_M = {
     "convnextv2_atto": 3.7, "convnextv2_femto": 5.2, "convnextv2_pico": 9.1, "convnextv2_nano": 15.6,
     "convnextv2_tiny": 28.6, "convnextv2_base": 89, "convnextv2_large": 198, "convnextv2_huge": 660,
