@@ -1,0 +1,24 @@
+"""Submit finetune.py as a Slurm job through submitit (``pip install -e .[submitit]``).
+
+    python submitit_finetune.py --nodes 4 --ngpus 8 --job_dir /shared/finetune_base \\
+        --model convnextv2_base --batch_size 32 --blr 6.25e-4 --epochs 100 --warmup_epochs 20 \\
+        --finetune /shared/fcmae_base/encoder.safetensors --data_path /path/to/imagenet-1k
+
+Launcher flags as in submitit_pretrain.py; every other flag is finetune.py's.
+"""
+from pathlib import Path
+
+from engine.config import TRAINING_CHECKS
+from engine.slurm import launch, load_script
+
+SCRIPT = Path(__file__).resolve().parent / "finetune.py"
+
+
+def main(argv=None):
+    """Check the flags and submit the job; returns the submitit job."""
+    cli = load_script(SCRIPT)
+    return launch(SCRIPT, cli.build_parser, TRAINING_CHECKS + cli.FINETUNE_CHECKS, argv)
+
+
+if __name__ == "__main__":
+    main()
