@@ -2,9 +2,10 @@
 
     python submitit_pretrain.py --nodes 8 --ngpus 8 --job_dir /shared/fcmae_base <pretrain.py flags>
 
-* ``launch(script, build_parser, checks, argv)``: splits the launcher flags (``--nodes``,
-  ``--ngpus``, ``--timeout``, ``--partition``, ...) from the training flags, checks the training
-  flags here, before the job waits in the queue, and submits one task per GPU; returns the job.
+* ``launch(script, build_parser, checks, argv)``: ``plan_job`` splits the launcher flags
+  (``--nodes``, ``--ngpus``, ``--timeout``, ``--partition``, ...) from the training flags and
+  checks both here, before the job waits in the queue; ``executor_parameters`` turns the launcher
+  flags into submitit's (one task per GPU); returns the submitted job.
 * ``SlurmTraining(script, argv, output_dir)``: the submitted callable. Each task
   exports the torch.distributed variables of ``engine.distributed`` (``RANK``, ``LOCAL_RANK``,
   ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` = the job's first node, ``MASTER_PORT``
@@ -186,16 +187,12 @@ class SlurmTraining:
         return DelayedSubmission(resumed)
 
 
-def launch(script: str | os.PathLike, build_parser: Callable[[], argparse.ArgumentParser], checks: Iterable,
-           argv: Optional[Sequence[str]] = None):
-    """Submit the CLI ``script`` (its ``main``) as a Slurm job, or as processes here with
-    ``--cluster local``, after checking the training flags with ``build_parser()`` and ``checks``;
-    returns the submitit job."""
-    import submitit
-
+def plan_job(script: str | os.PathLike, build_parser: Callable[[], argparse.ArgumentParser], checks: Iterable,
+             argv: Sequence[str]) -> tuple[argparse.Namespace, SlurmTraining]:
+    """(launcher flags, the callable to submit) for ``argv``; exits 2 naming the problem when a
+    launcher or training flag is wrong (``checks`` run on the training flags), 0 after ``-h``."""
     from engine.cli import parse_and_validate
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     launcher = build_launcher_parser()
     if "-h" in argv or "--help" in argv:
         argparse.ArgumentParser(prog=Path(sys.argv[0]).name, parents=[launcher, build_parser()], add_help=False,
@@ -205,23 +202,34 @@ def launch(script: str | os.PathLike, build_parser: Callable[[], argparse.Argume
     launch_args, training_argv = launcher.parse_known_args(argv)
     check_launcher_flags(launch_args, launcher)
     training = parse_and_validate(build_parser(), training_argv, checks)
-    job_dir = str(Path(launch_args.job_dir).absolute())
-    output_dir = str(Path(training.output_dir).absolute()) if given_on_command_line(training_argv, "--output_dir") \
-        else job_dir
-    tasks_per_node = launch_args.tasks_per_node or max(launch_args.ngpus, 1)
-    mem_gb = launch_args.mem_gb
-    if mem_gb is None and launch_args.ngpus > 0:
-        mem_gb = MEM_GB_PER_GPU * launch_args.ngpus
+    output_dir = training.output_dir if given_on_command_line(training_argv, "--output_dir") else launch_args.job_dir
+    return launch_args, SlurmTraining(str(Path(script).resolve()), training_argv, str(Path(output_dir).absolute()))
 
-    executor = submitit.AutoExecutor(folder=job_dir, cluster=launch_args.cluster,
+
+def executor_parameters(launch: argparse.Namespace, name: str) -> dict:
+    """submitit's ``update_parameters`` for the launcher flags: one task per GPU (or
+    ``--tasks_per_node``), memory per GPU, submitit's signal ``SIGNAL_DELAY_S`` before the limit."""
+    mem_gb = launch.mem_gb if launch.mem_gb is not None else MEM_GB_PER_GPU * launch.ngpus or None
+    return dict(name=name, nodes=launch.nodes, gpus_per_node=launch.ngpus or None,
+                tasks_per_node=launch.tasks_per_node or max(launch.ngpus, 1), cpus_per_task=launch.cpus_per_task,
+                mem_gb=mem_gb, timeout_min=launch.timeout, slurm_partition=launch.partition,
+                slurm_comment=launch.comment, slurm_constraint="volta32gb" if launch.use_volta32 else None,
+                slurm_signal_delay_s=SIGNAL_DELAY_S)
+
+
+def launch(script: str | os.PathLike, build_parser: Callable[[], argparse.ArgumentParser], checks: Iterable,
+           argv: Optional[Sequence[str]] = None):
+    """Submit the CLI ``script`` (its ``main``) as a Slurm job, or as processes here with
+    ``--cluster local``, once its flags passed ``plan_job``; returns the submitit job."""
+    import submitit
+
+    launch_args, training = plan_job(script, build_parser, checks, list(sys.argv[1:] if argv is None else argv))
+    executor = submitit.AutoExecutor(folder=Path(launch_args.job_dir).absolute(), cluster=launch_args.cluster,
                                      slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES,
                                      local_max_num_timeout=MAX_TIMEOUT_REQUEUES)
-    executor.update_parameters(
-        name=Path(script).stem, nodes=launch_args.nodes, gpus_per_node=launch_args.ngpus or None, tasks_per_node=tasks_per_node,
-        cpus_per_task=launch_args.cpus_per_task, mem_gb=mem_gb, timeout_min=launch_args.timeout,
-        slurm_partition=launch_args.partition, slurm_comment=launch_args.comment,
-        slurm_constraint="volta32gb" if launch_args.use_volta32 else None, slurm_signal_delay_s=SIGNAL_DELAY_S)
-    job = executor.submit(SlurmTraining(str(Path(script).resolve()), training_argv, output_dir))
-    print(f"submitted job {job.job_id}: {launch_args.nodes} node(s) x {tasks_per_node} task(s), "
-          f"checkpoints in {output_dir.replace('%j', job.job_id)}, logs in {job.paths.folder}")
+    parameters = executor_parameters(launch_args, Path(script).stem)
+    executor.update_parameters(**parameters)
+    job = executor.submit(training)
+    print(f"submitted job {job.job_id}: {launch_args.nodes} node(s) x {parameters['tasks_per_node']} task(s), "
+          f"checkpoints in {training.output_dir.replace('%j', job.job_id)}, logs in {job.paths.folder}")
     return job
