@@ -8,16 +8,12 @@ Launcher flags as in submitit_pretrain.py; every other flag is finetune.py's.
 """
 from pathlib import Path
 
-from engine.config import TRAINING_CHECKS
-from engine.slurm import launch, load_script
-
-SCRIPT = Path(__file__).resolve().parent / "finetune.py"
+from engine.slurm import launch
 
 
 def main(argv=None):
     """Check the flags and submit the job; returns the submitit job."""
-    cli = load_script(SCRIPT)
-    return launch(SCRIPT, cli.build_parser, TRAINING_CHECKS + cli.FINETUNE_CHECKS, argv)
+    return launch(Path(__file__).resolve().parent / "finetune.py", "FINETUNE_CHECKS", argv)
 
 
 if __name__ == "__main__":

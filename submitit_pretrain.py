@@ -11,16 +11,12 @@ pretrain.py's. The job checkpoints, requeues and resumes on time limits and pree
 """
 from pathlib import Path
 
-from engine.config import TRAINING_CHECKS
-from engine.slurm import launch, load_script
-
-SCRIPT = Path(__file__).resolve().parent / "pretrain.py"
+from engine.slurm import launch
 
 
 def main(argv=None):
     """Check the flags and submit the job; returns the submitit job."""
-    cli = load_script(SCRIPT)
-    return launch(SCRIPT, cli.build_parser, TRAINING_CHECKS + cli.PRETRAIN_CHECKS, argv)
+    return launch(Path(__file__).resolve().parent / "pretrain.py", "PRETRAIN_CHECKS", argv)
 
 
 if __name__ == "__main__":

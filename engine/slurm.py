@@ -2,7 +2,7 @@
 
     python submitit_pretrain.py --nodes 8 --ngpus 8 --job_dir /shared/fcmae_base <pretrain.py flags>
 
-* ``launch(script, build_parser, checks, argv)``: ``plan_job`` splits the launcher flags
+* ``launch(script, checks_name, argv)``: ``plan_job`` splits the launcher flags
   (``--nodes``, ``--ngpus``, ``--timeout``, ``--partition``, ...) from the training flags and
   checks both here, before the job waits in the queue; ``executor_parameters`` turns the launcher
   flags into submitit's (one task per GPU); returns the submitted job.
@@ -19,7 +19,9 @@ Preemption and time limits. Slurm sends submitit's signal (``SIGUSR2``, 120 s be
 limit: ``--signal=USR2@120``; ``SUBMITIT_PREEMPT_SIGNAL`` picks another) to every task.
 submitit's own handler would call ``checkpoint()`` and requeue at once, from inside whatever
 the main thread was doing: the training would be cut off mid-step, with no chance to save, since
-training and handler share that thread. So each task replaces that handler while training runs:
+training and handler share that thread. So each task replaces that handler before the training
+starts (before its DataLoader forks workers, which inherit it: Slurm signals every process of the
+job step, and a worker left with the default action would die):
 
 1. the signal calls ``engine.signals.request_stop``, like the SIGTERM/SIGUSR1 handlers of the
    runner; the ranks agree to stop at the next update boundary, rank 0 writes a complete
@@ -40,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import logging
 import os
 import shutil
 import signal
@@ -50,8 +51,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from .checkpoint import checkpoint_paths
-
-_logger = logging.getLogger(__name__)
 
 MAX_TIMEOUT_REQUEUES = 30  # time-limit requeues before the job is left to end (as the official launcher)
 SIGNAL_DELAY_S = 120  # submitit's signal this long before the time limit: time to finish a step and save
@@ -217,13 +216,17 @@ def executor_parameters(launch: argparse.Namespace, name: str) -> dict:
                 slurm_signal_delay_s=SIGNAL_DELAY_S)
 
 
-def launch(script: str | os.PathLike, build_parser: Callable[[], argparse.ArgumentParser], checks: Iterable,
-           argv: Optional[Sequence[str]] = None):
+def launch(script: str | os.PathLike, checks_name: str, argv: Optional[Sequence[str]] = None):
     """Submit the CLI ``script`` (its ``main``) as a Slurm job, or as processes here with
-    ``--cluster local``, once its flags passed ``plan_job``; returns the submitit job."""
+    ``--cluster local``, once ``plan_job`` passed its flags (``build_parser()`` and
+    ``TRAINING_CHECKS`` + the script's ``checks_name`` table); returns the submitit job."""
     import submitit
 
-    launch_args, training = plan_job(script, build_parser, checks, list(sys.argv[1:] if argv is None else argv))
+    from engine.config import TRAINING_CHECKS
+
+    cli = load_script(script)
+    launch_args, training = plan_job(script, cli.build_parser, TRAINING_CHECKS + getattr(cli, checks_name),
+                                     list(sys.argv[1:] if argv is None else argv))
     executor = submitit.AutoExecutor(folder=Path(launch_args.job_dir).absolute(), cluster=launch_args.cluster,
                                      slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES,
                                      local_max_num_timeout=MAX_TIMEOUT_REQUEUES)

@@ -24,8 +24,8 @@ import submitit_pretrain  # noqa: E402
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds task processes through /proc")
 
 def plan(argv):
-    cli = load_script(submitit_pretrain.SCRIPT)
-    return plan_job(submitit_pretrain.SCRIPT, cli.build_parser, TRAINING_CHECKS + cli.PRETRAIN_CHECKS, argv)
+    cli = load_script(REPO / "pretrain.py")
+    return plan_job(REPO / "pretrain.py", cli.build_parser, TRAINING_CHECKS + cli.PRETRAIN_CHECKS, argv)
 
 
 def test_launcher_flags_are_split_off_and_checkpoints_go_to_the_job_dir(tmp_path):
@@ -38,7 +38,8 @@ def test_launcher_flags_are_split_off_and_checkpoints_go_to_the_job_dir(tmp_path
 
 
 def test_output_dir_on_the_command_line_wins_over_the_job_dir(tmp_path):
-    _, training = plan(["--cluster", "local", "--job_dir", str(tmp_path / "job"), "--output_dir", str(tmp_path / "out")])
+    _, training = plan(["--cluster", "local", "--job_dir", str(tmp_path / "job"),
+                        "--output_dir", str(tmp_path / "out")])
     assert training.output_dir == str(tmp_path / "out")
 
 
