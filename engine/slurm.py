@@ -56,6 +56,7 @@ MAX_TIMEOUT_REQUEUES = 30  # time-limit requeues before the job is left to end (
 SIGNAL_DELAY_S = 120  # submitit's signal this long before the time limit: time to finish a step and save
 MEM_GB_PER_GPU = 40
 DEFAULT_JOB_DIR = "output/submitit/%j"
+NODE_CHECKED_FLAGS = ("--device",)  # checked on the compute nodes: the login node may have no GPU
 
 
 def build_launcher_parser() -> argparse.ArgumentParser:
@@ -189,7 +190,8 @@ class SlurmTraining:
 def plan_job(script: str | os.PathLike, build_parser: Callable[[], argparse.ArgumentParser], checks: Iterable,
              argv: Sequence[str]) -> tuple[argparse.Namespace, SlurmTraining]:
     """(launcher flags, the callable to submit) for ``argv``; exits 2 naming the problem when a
-    launcher or training flag is wrong (``checks`` run on the training flags), 0 after ``-h``."""
+    launcher or training flag is wrong (``checks`` run on the training flags, but for those of the
+    compute nodes' hardware), 0 after ``-h``."""
     from engine.cli import parse_and_validate
 
     launcher = build_launcher_parser()
@@ -200,7 +202,8 @@ def plan_job(script: str | os.PathLike, build_parser: Callable[[], argparse.Argu
         sys.exit(0)
     launch_args, training_argv = launcher.parse_known_args(argv)
     check_launcher_flags(launch_args, launcher)
-    training = parse_and_validate(build_parser(), training_argv, checks)
+    training = parse_and_validate(build_parser(), training_argv,
+                                  [check for check in checks if check.flag not in NODE_CHECKED_FLAGS])
     output_dir = training.output_dir if given_on_command_line(training_argv, "--output_dir") else launch_args.job_dir
     return launch_args, SlurmTraining(str(Path(script).resolve()), training_argv, str(Path(output_dir).absolute()))
 

@@ -51,6 +51,11 @@ def test_a_bad_training_flag_stops_the_launcher_before_anything_is_submitted(tmp
     assert not any(tmp_path.iterdir()), "nothing may be written before the flags are checked"
 
 
+def test_a_gpu_job_can_be_submitted_from_a_login_node_without_gpus(tmp_path):
+    _, training = plan(["--cluster", "local", "--job_dir", str(tmp_path), "--device", "cuda"])
+    assert training.argv == ["--device", "cuda"], "--device is checked where the job runs"
+
+
 def test_without_slurm_the_launcher_points_to_cluster_local(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun here
     with pytest.raises(SystemExit) as stop:
