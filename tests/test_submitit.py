@@ -23,6 +23,7 @@ import submitit_pretrain  # noqa: E402
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds task processes through /proc")
 
+
 def plan(argv):
     cli = load_script(REPO / "pretrain.py")
     return plan_job(REPO / "pretrain.py", cli.build_parser, TRAINING_CHECKS + cli.PRETRAIN_CHECKS, argv)
