@@ -100,9 +100,26 @@ def init_distributed(
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+        rendezvous = ({"store": agent_store_of_this_restart(timeout)} if os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
+                      == "True" else {"init_method": "env://"})
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **rendezvous,
                                 device_id=device if device.type == "cuda" else None, timeout=timeout)
     return DistributedInfo(rank, world_size, local_rank, device)
+
+
+def agent_store_of_this_restart(timeout: Optional[datetime.timedelta]) -> dist.Store:
+    """torchrun's store (its agent hosts it at ``MASTER_ADDR:MASTER_PORT``) with this worker
+    group's keys under ``restart_<TORCHELASTIC_RESTART_COUNT>/``.
+
+    The agent keeps one store across ``--max_restarts`` restarts, and the process group's keys
+    (gloo addresses, NCCL ids) carry no restart number: a restarted group could read the dead
+    group's entries and try to connect to them until the timeout (seen with torch 2.13 and gloo). The
+    restart count is the same for every worker of one agent (one node); for elastic restarts
+    across nodes, run torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (then rank 0 hosts a
+    fresh store for each restart and this is not used)."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout or datetime.timedelta(minutes=30))
+    return dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def destroy_distributed() -> None:
