@@ -79,6 +79,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     data.add_argument("--embedded_samples", type=int, default=256,
                       help="random crops per epoch from the embedded photos (only without --data_path)")
     data.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes per process")
+    data.add_argument("--fast_decode", action=argparse.BooleanOptionalAction, default=False,
+                      help="decode training JPEGs at 1/2-1/8 scale when the random crop still covers --input_size "
+                           "there (PIL draft mode): the same crops, less decoding and resizing work")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", type=str, default="./output", help="checkpoints, logs, exports")

@@ -7,12 +7,31 @@ unless a ``crop_pct`` is given explicitly.
 """
 from __future__ import annotations
 
+import random
+
 import models  # noqa: F401  (torchvision guard before timm/torchvision)
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
+
+from engine.data import draft_resized_crop
 
 DEFAULT_CROP_PCT = 0.875
 PLAIN_RESIZE_FROM = 384  # input size from which evaluation resizes without cropping
+
+
+class DraftRandomResizedCropAndInterpolation(RandomResizedCropAndInterpolation):
+    """timm's ``RandomResizedCropAndInterpolation`` (same random draws) that decodes JPEG files at a
+    reduced scale when the crop allows (``engine.data.draft_resized_crop``); image folders hand it
+    files opened, not decoded. PIL image -> RGB PIL image of ``size``."""
+
+    decodes_files = True
+
+    def __call__(self, image):
+        top, left, height, width = self.get_params(image, self.scale, self.ratio)
+        interpolation = random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list)) \
+            else self.interpolation
+        return draft_resized_crop(image, top, left, height, width, self.size, interpolation)
 
 
 def build_train_transform(
@@ -23,11 +42,13 @@ def build_train_transform(
     remode: str = "pixel",
     recount: int = 1,
     interpolation: str = "bicubic",
+    fast_decode: bool = False,
 ):
     """timm's training transform: RandomResizedCrop, flip, RandAugment (timm ignores colour
     jitter when ``auto_augment`` is set), ImageNet normalisation, random erasing.
-    Image (PIL) -> (3, input_size, input_size) float tensor."""
-    return create_transform(
+    Image (PIL) -> (3, input_size, input_size) float tensor. ``fast_decode``: the crop decodes
+    JPEG files at a reduced scale when it allows (``DraftRandomResizedCropAndInterpolation``)."""
+    transform = create_transform(
         input_size=input_size,
         is_training=True,
         auto_augment=auto_augment or None,
@@ -39,6 +60,11 @@ def build_train_transform(
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
     )
+    if fast_decode:
+        crop = transform.transforms[0]
+        transform.transforms[0] = DraftRandomResizedCropAndInterpolation(crop.size, crop.scale, crop.ratio)
+        transform.transforms[0].interpolation = crop.interpolation
+    return transform
 
 
 def build_eval_transform(input_size: int, crop_pct: float | None = None, interpolation: str = "bicubic"):
