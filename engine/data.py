@@ -1,7 +1,10 @@
 """Images for training: folders that tolerate bad files, embedded photos, distributed loaders.
 
-* ``pretrain_transform(input_size)``: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip,
-  ToTensor, ImageNet mean/std (the FCMAE recipe); ``normalize_transform()``: the last two.
+* ``pretrain_transform(input_size, fast_decode=False)``: RandomResizedCrop(scale 0.2-1, bicubic),
+  horizontal flip, ToTensor, ImageNet mean/std (the FCMAE recipe); ``normalize_transform()``: the
+  last two. ``fast_decode``: the crop is ``DraftRandomResizedCrop``, which decodes JPEGs at 1/2-1/8
+  scale when the crop box allows (``draft_resized_crop``); such transforms get files opened, not
+  decoded (``open_image``, ``decodes_files``).
 * ``to_rgb(image)``: any PIL image (grayscale, 16-bit, palette, RGBA, CMYK) as 8-bit RGB.
 * ``resolve_image_root(data_path, split)``: ``<data_path>/<split>`` if it exists, else ``data_path``.
 * ``ImageFolderSkippingUnreadable(root, transform)``: torchvision ImageFolder whose unreadable files
