@@ -10,7 +10,9 @@ from __future__ import annotations
 import random
 
 import models  # noqa: F401  (torchvision guard before timm/torchvision)
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.auto_augment import RandAugment, posterize
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
@@ -32,6 +34,26 @@ class DraftRandomResizedCropAndInterpolation(RandomResizedCropAndInterpolation):
         interpolation = random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list)) \
             else self.interpolation
         return draft_resized_crop(image, top, left, height, width, self.size, interpolation)
+
+
+def posterize_keeping_zero_bits(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's ``posterize``, where 0 bits gives a black image as Pillow used to.
+
+    RandAugment's magnitude (gauss(9, 0.5), clipped to 10) is 10 for ~2% of draws, where
+    PosterizeIncreasing keeps 0 bits; current Pillow (13) raises ValueError for that, which would
+    stop ImageNet fine-tuning within its first few thousand images (~0.15% of images).
+    """
+    if bits_to_keep < 1:
+        return Image.new(image.mode, image.size)
+    return posterize(image, bits_to_keep, **kwargs)
+
+
+def _allow_zero_bit_posterize(transform: transforms.Compose) -> None:
+    for stage in transform.transforms:
+        if isinstance(stage, RandAugment):
+            for op in stage.ops:
+                if op.aug_fn is posterize:
+                    op.aug_fn = posterize_keeping_zero_bits
 
 
 def build_train_transform(
@@ -60,6 +82,7 @@ def build_train_transform(
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
     )
+    _allow_zero_bit_posterize(transform)
     if fast_decode:
         crop = transform.transforms[0]
         transform.transforms[0] = DraftRandomResizedCropAndInterpolation(crop.size, crop.scale, crop.ratio)
