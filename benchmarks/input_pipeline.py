@@ -6,9 +6,11 @@ ImageNet-sized JPEGs written to a temporary folder (scikit-image's bundled photo
 to 500-1000 x 375-800 px with mild noise, quality 90). It is timed in the training process
 (``num_workers=0``) and in one worker process (``num_workers=1``), each with full decoding
 and with ``--fast_decode`` (JPEG draft decoding at a reduced scale, ``DraftRandomResizedCrop``),
-interleaved over repeats (median reported). The step is the sparse FCMAE training step at the
-same input size, timed by ``benchmarks.pretrain_speed``'s machinery (or read from its JSON
-results with ``--step-results``). Workers per GPU needed = step images/s / one worker's images/s.
+interleaved over repeats (median reported), as images per wall-clock second and per CPU-second
+of the processes doing the work (what a worker with a core to itself achieves, however busy
+the machine). The step is the sparse FCMAE training step at the same input size, timed by
+``benchmarks.pretrain_speed``'s machinery (or read from its JSON results with ``--step-results``).
+Workers per GPU needed = step images/s / one worker's images per CPU-second.
 
     python -m benchmarks.input_pipeline                       # atto, tiny, base; step on CUDA if present
     python -m benchmarks.input_pipeline --step-results benchmarks/results/pretrain_speed_cpu.json
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -40,6 +43,7 @@ from engine.data import (TRAIN_PREFETCH_FACTOR, build_image_folder, build_loader
 from models import check_model_name  # noqa: E402
 
 MASK_RATIO = 0.6  # the FCMAE recipe's
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 JPEG_QUALITY = 90
 NOISE_STD = 3.0  # grey levels: resized photos are smoother than camera images, which decode slower
 PATHS = (  # (name, num_workers, fast_decode)
@@ -54,7 +58,8 @@ SMOKE = dict(images=4, image_sizes=[96, 72, 128, 96], input_size=64, batch_size=
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=64, help="JPEG files to write and cycle over (default: %(default)s)")
+    parser.add_argument("--images", type=int, default=64,
+                        help="JPEG files to write and cycle over (default: %(default)s)")
     parser.add_argument("--image-sizes", type=int, nargs=4, default=[500, 375, 1000, 800],
                         metavar=("MIN_W", "MIN_H", "MAX_W", "MAX_H"),
                         help="JPEG width and height drawn uniformly in these ranges (default: %(default)s)")
@@ -64,7 +69,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="seconds per timed repeat of one pipeline path (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="repeats per path, interleaved; the median is reported (default: %(default)s)")
-    parser.add_argument("--models", nargs="+", default=["atto", "tiny", "base"], help="(default: %(default)s)")
+    parser.add_argument("--models", nargs="*", default=["atto", "tiny", "base"],
+                        help="step table sizes; none: the pipeline table only (default: %(default)s)")
     parser.add_argument("--step-results", type=Path, nargs="*", default=[],
                         help="benchmarks.pretrain_speed JSON files to read sparse steps from (same input size, "
                              f"mask ratio {MASK_RATIO}); models not found there are timed")
@@ -78,7 +84,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="torch threads of the training process and of the step (default: %(default)s; "
                              "DataLoader workers always use 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=None, help="also write the report (markdown) and .json beside it")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="also write the report (markdown) and .json beside it")
     parser.add_argument("--smoke", action="store_true", help="tiny images, atto at 64 px, fractions of a second")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -111,7 +118,8 @@ def write_jpegs(folder: Path, count: int, sizes: list[int], seed: int) -> dict:
         photo = photos[index % len(photos)]
         crop_width, crop_height = (min(photo.width, round(photo.height * width / height)),
                                    min(photo.height, round(photo.width * height / width)))
-        left, top = int(rng.integers(0, photo.width - crop_width + 1)), int(rng.integers(0, photo.height - crop_height + 1))
+        left = int(rng.integers(0, photo.width - crop_width + 1))
+        top = int(rng.integers(0, photo.height - crop_height + 1))
         resized = photo.resize((width, height), Image.Resampling.BICUBIC,
                                box=(left, top, left + crop_width, top + crop_height))
         noisy = np.asarray(resized, dtype=np.float32) + rng.normal(0.0, NOISE_STD, (height, width, 3))
@@ -143,26 +151,43 @@ class PipelinePath:
             yield from self.loader
             self.epoch += 1
 
-    def images_per_s(self, seconds: float) -> float:
+    def images_per_s(self, seconds: float) -> tuple[float, float]:
+        """(images per wall-clock second, images per CPU-second of this process and its workers)."""
         for _ in range(self.queued):
             next(self.batches)
-        count, start = 0, time.perf_counter()
+        count, start, cpu_start = 0, time.perf_counter(), cpu_seconds()
         while time.perf_counter() - start < seconds:
             count += next(self.batches)[0].shape[0]
-        return count / (time.perf_counter() - start)
+        return count / (time.perf_counter() - start), count / (cpu_seconds() - cpu_start)
 
     def close(self) -> None:
         self.batches.close()
         self.loader = None  # ends the persistent workers
 
 
-def decode_images_per_s(paths: list[Path], seconds: float) -> float:
-    """Full-size JPEG decoding alone, in this process."""
-    count, start = 0, time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time used so far by this process and its live child processes (Linux; else this process).
+
+    Images per CPU-second is what one worker on a core of its own achieves, however busy the
+    machine: the other paths' persistent workers sit idle (their queues full) while one path is timed.
+    """
+    total = time.process_time()
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return total
+
+
+def decode_images_per_s(paths: list[Path], seconds: float) -> tuple[float, float]:
+    """Full-size JPEG decoding alone, in this process: per wall-clock second, per CPU-second."""
+    count, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         load_rgb_image(paths[count % len(paths)])
         count += 1
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), count / (time.process_time() - cpu_start)
 
 
 def time_pipeline(root: Path, args: argparse.Namespace) -> list[dict]:
@@ -170,7 +195,7 @@ def time_pipeline(root: Path, args: argparse.Namespace) -> list[dict]:
     pipelines = [PipelinePath(root, args.input_size, args.batch_size, workers, fast, args.seed)
                  for _, workers, fast in PATHS]
     paths = sorted((root / "photos").glob("*.jpg"))
-    speeds: list[list[float]] = [[] for _ in range(len(PATHS) + 1)]
+    speeds: list[list[tuple[float, float]]] = [[] for _ in range(len(PATHS) + 1)]
     try:
         for repeat in range(args.repeats):
             for offset in range(len(speeds)):
@@ -180,14 +205,15 @@ def time_pipeline(root: Path, args: argparse.Namespace) -> list[dict]:
     finally:
         for pipeline in pipelines:
             pipeline.close()
-    rows = [{"path": name, "num_workers": workers, "decode": "draft (--fast_decode)" if fast else "full",
-             "images_per_s": statistics.median(speeds[index]), "repeats": speeds[index]}
-            for index, (name, workers, fast) in enumerate(PATHS)]
-    rows.append({"path": "JPEG decode alone (training process)", "num_workers": 0, "decode": "full",
-                 "images_per_s": statistics.median(speeds[-1]), "repeats": speeds[-1]})
-    full = {row["num_workers"]: row["images_per_s"] for row in rows[:len(PATHS)] if row["decode"] == "full"}
+    names = [(name, workers, "draft (--fast_decode)" if fast else "full") for name, workers, fast in PATHS]
+    names.append(("JPEG decode alone (training process)", 0, "full"))
+    rows = [{"path": name, "num_workers": workers, "decode": decode,
+             "images_per_s": statistics.median(wall for wall, _ in speeds[index]),
+             "images_per_cpu_s": statistics.median(cpu for _, cpu in speeds[index]), "repeats": speeds[index]}
+            for index, (name, workers, decode) in enumerate(names)]
+    full = {row["num_workers"]: row["images_per_cpu_s"] for row in rows[:len(PATHS)] if row["decode"] == "full"}
     for row in rows[:len(PATHS)]:
-        row["vs_full_decode"] = row["images_per_s"] / full[row["num_workers"]]
+        row["vs_full_decode"] = row["images_per_cpu_s"] / full[row["num_workers"]]
     return rows
 
 
@@ -218,7 +244,7 @@ def step_speeds(args: argparse.Namespace) -> list[dict]:
 
 
 def format_report(info: dict, jpegs: dict, args: argparse.Namespace, pipeline: list[dict], steps: list[dict]) -> str:
-    per_worker = {row["decode"]: row["images_per_s"] for row in pipeline if row["num_workers"] == 1}
+    per_worker = {row["decode"]: row["images_per_cpu_s"] for row in pipeline if row["num_workers"] == 1}
     lines = [
         f"Machine: {info['cpu']}, {info['cpu_cores']} cores, load average {info['load_average']} at start; "
         f"torch {info['torch']}, {info['torch_threads']} threads in the training process, 1 per worker",
@@ -228,13 +254,16 @@ def format_report(info: dict, jpegs: dict, args: argparse.Namespace, pipeline: l
         f"quality {JPEG_QUALITY}, {jpegs['bytes_per_pixel']:.2f} bytes/pixel; crops of {args.input_size} px, "
         f"batches of {args.batch_size}; median of {args.repeats} interleaved repeats of {args.seconds:g} s",
         "",
-        "| input pipeline | decode | images/s | ms/image | vs full decode |",
-        "|---|---|---|---|---|",
+        "| input pipeline | decode | images/s (wall clock) | images per CPU-second | CPU ms/image "
+        "| vs full decode (CPU) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in pipeline:
         ratio = f"{row['vs_full_decode']:.2f}x" if "vs_full_decode" in row else "-"
-        lines.append(f"| {row['path']} | {row['decode']} | {row['images_per_s']:.1f} | "
-                     f"{1000 / row['images_per_s']:.1f} | {ratio} |")
+        lines.append(f"| {row['path']} | {row['decode']} | {row['images_per_s']:.1f} | {row['images_per_cpu_s']:.1f} | "
+                     f"{1000 / row['images_per_cpu_s']:.1f} | {ratio} |")
+    if not steps:
+        return "\n".join(lines)
     lines += [
         "",
         "| model | step device | amp | batch | step images/s | step source | workers needed, full decode "
@@ -249,10 +278,9 @@ def format_report(info: dict, jpegs: dict, args: argparse.Namespace, pipeline: l
             f"{speed / per_worker['draft (--fast_decode)']:.2f} |")
     lines += [
         "",
-        f"Workers needed = step images/s / one worker's images/s: the DataLoader workers per GPU (per training "
-        f"process) that keep the step fed at this input size; round up and leave a margin. The step is the sparse "
-        f"FCMAE step (mask ratio {MASK_RATIO}; forward, backward, AdamW). One worker's speed is per CPU core: workers "
-        "beyond the free cores do not add speed.",
+        f"Workers needed = step images/s / one worker's images per CPU-second: the DataLoader workers per GPU (per "
+        f"training process), each on a core of its own, that keep the step fed at this input size; round up and "
+        f"leave a margin. The step is the sparse FCMAE step (mask ratio {MASK_RATIO}; forward, backward, AdamW).",
     ]
     return "\n".join(lines)
 
@@ -266,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         jpegs = write_jpegs(Path(folder), args.images, args.image_sizes, args.seed)
         print(f"wrote {jpegs['images']} JPEGs; timing the input pipeline", file=sys.stderr, flush=True)
         pipeline = time_pipeline(Path(folder), args)
-    steps = step_speeds(args)
+    steps = step_speeds(args) if args.models else []
     report = format_report(info, jpegs, args, pipeline, steps)
     print(report)
     results = {"machine": info, "jpegs": jpegs, "pipeline": pipeline, "steps": steps}

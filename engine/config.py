@@ -204,6 +204,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                            f"process on this node minus one, at most {MAX_DEFAULT_WORKERS})")
     data.add_argument("--pin_mem", action=BooleanFlag, default=None,
                       help="pinned host memory for batches (default: on with CUDA, else off)")
+    data.add_argument("--fast_decode", action=BooleanFlag, default=False,
+                      help="decode training JPEGs at 1/2-1/8 scale when the random crop still covers --input_size "
+                           "there (PIL draft mode): the same crops, less decoding and resizing work")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", type=str, default="./output", help="checkpoints, logs, exports")

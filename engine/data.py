@@ -1,7 +1,10 @@
 """Images for training: folders that tolerate bad files, embedded photos, distributed loaders.
 
-* ``pretrain_transform(input_size)``: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip,
-  ToTensor, ImageNet mean/std (the FCMAE recipe); ``normalize_transform()``: the last two.
+* ``pretrain_transform(input_size, fast_decode=False)``: RandomResizedCrop(scale 0.2-1, bicubic),
+  horizontal flip, ToTensor, ImageNet mean/std (the FCMAE recipe); ``normalize_transform()``: the
+  last two. ``fast_decode``: the crop is ``DraftRandomResizedCrop``, which decodes JPEGs at 1/2-1/8
+  scale when the crop box allows (``draft_resized_crop``); such transforms get files opened, not
+  decoded (``open_image``, ``decodes_files``).
 * ``to_rgb(image)``: any PIL image (grayscale, 16-bit, palette, RGBA, CMYK) as 8-bit RGB.
 * ``resolve_image_root(data_path, split)``: ``<data_path>/<split>`` if it exists, else ``data_path``.
 * ``ImageFolderSkippingUnreadable(root, transform)``: torchvision ImageFolder whose unreadable files
@@ -13,7 +16,7 @@
   warning; ``build_image_folder`` adds a clear error for a folder without any images.
 * ``EmbeddedPhotos(split, input_size, length, transform=None)``: real photographs bundled with
   scikit-image (public domain / CC0), no download needed; see its docstring.
-* ``build_loader(dataset, batch_size, num_workers, seed, rank, world_size, device, train)``:
+* ``build_loader(dataset, batch_size, num_workers, seed, rank, world_size, device, train, pin_memory)``:
   DataLoader over this rank's share. Training: a ``ResumableDistributedSampler`` (a seeded
   shuffle per epoch, also for one process; ``sampler.set_epoch(epoch, skip)`` starts mid-epoch)
   feeding ``SampleSeededDataset``, so every sample's augmentation depends only on
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
@@ -92,35 +95,46 @@ def draft_scale(crop_height: int, crop_width: int, output_size: tuple[int, int])
     return 1
 
 
-class DraftRandomResizedCrop(transforms.RandomResizedCrop):
-    """``RandomResizedCrop`` that decodes a JPEG at 1/2, 1/4 or 1/8 scale when the crop box still
-    covers the output size there: the same crop distribution, less decoding.
+def draft_resized_crop(image: Image.Image, top: int, left: int, height: int, width: int, size: tuple[int, int],
+                       interpolation: InterpolationMode) -> Image.Image:
+    """``torchvision.transforms.functional.resized_crop`` of a PIL image, as RGB, decoding less.
 
-    The crop box is drawn first, from the full-size geometry (read from the file header) with the
-    same random draws as ``RandomResizedCrop``; then the file is decoded with PIL's draft mode at
-    ``draft_scale(box, size)`` and the box, scaled to the reduced image, is resized (bicubic) to
-    ``size``. Input: a PIL image; if it is opened but not yet decoded (``open_image``), JPEGs take
-    the reduced path, and a failed decode raises ``UnreadableImageError``. A decoded image, a
-    non-JPEG, or a crop too small to reduce goes through ``RandomResizedCrop`` unchanged.
+    If ``image`` is a JPEG opened but not yet decoded (``open_image``) and the crop box still
+    covers ``size`` (h, w) at 1/2, 1/4 or 1/8 scale (``draft_scale``), the file is decoded at that
+    scale (PIL draft mode: libjpeg's scaled inverse DCT) and the box, scaled alike, is resized to
+    ``size``. Otherwise (decoded image, other format, small crop) it is exactly ``resized_crop``.
+    A failed decode raises ``UnreadableImageError``.
+    """
+    scale, full_width = draft_scale(height, width, size), image.width
+    # draft is a no-op (returns None) once decoded and for other formats; else its box is the
+    # full image in reduced coordinates, (0, 0, width / reduction, height / reduction)
+    drafted = image.draft("RGB", (image.width // scale, image.height // scale)) if scale > 1 else None
+    try:
+        image = to_rgb(image)  # decodes
+    except UNREADABLE_IMAGE_ERRORS as error:
+        raise UnreadableImageError(f"cannot decode {getattr(image, 'filename', 'image')}: {error}") from error
+    if drafted is None:
+        return transforms.functional.resized_crop(image, top, left, height, width, list(size), interpolation)
+    reduction = full_width / drafted[1][2]
+    box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
+    return image.resize(size[::-1], transforms.functional.pil_modes_mapping[interpolation], box=box)
+
+
+class DraftRandomResizedCrop(transforms.RandomResizedCrop):
+    """``RandomResizedCrop`` that decodes JPEG files at a reduced scale when the crop allows.
+
+    The box is drawn exactly as ``RandomResizedCrop`` draws it, from the full-size geometry (read
+    from the file header), so the crops are the same for the same RNG state; then
+    ``draft_resized_crop`` decodes only as much as the output size needs. Input: a PIL image,
+    opened but not decoded for the fast path (image folders hand it such, ``decodes_files``).
     Output: RGB PIL image of ``size``.
     """
 
+    decodes_files = True
+
     def forward(self, image: Image.Image) -> Image.Image:
         top, left, height, width = self.get_params(image, self.scale, self.ratio)
-        scale, full_width = draft_scale(height, width, self.size), image.width
-        # draft is a no-op (returns None) once decoded and for other formats; else its box is the
-        # full image in reduced coordinates, (0, 0, width / reduction, height / reduction)
-        drafted = image.draft("RGB", (image.width // scale, image.height // scale)) if scale > 1 else None
-        try:
-            image = to_rgb(image)  # decodes
-        except UNREADABLE_IMAGE_ERRORS as error:
-            raise UnreadableImageError(f"cannot decode {getattr(image, 'filename', 'image')}: {error}") from error
-        if drafted is None:
-            return transforms.functional.resized_crop(image, top, left, height, width, self.size, self.interpolation,
-                                                      antialias=self.antialias)
-        reduction = full_width / drafted[1][2]
-        box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
-        return image.resize(self.size[::-1], transforms.functional.pil_modes_mapping[self.interpolation], box=box)
+        return draft_resized_crop(image, top, left, height, width, tuple(self.size), self.interpolation)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -155,10 +169,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 
 
 def decodes_files(transform: Optional[Callable]) -> bool:
-    """Whether ``transform`` starts with ``DraftRandomResizedCrop``, i.e. wants files opened, not decoded."""
+    """Whether ``transform`` (or its first stage) decodes files itself (``decodes_files = True``, e.g.
+    ``DraftRandomResizedCrop``) and so wants them opened, not decoded."""
     first = transform.transforms[0] if isinstance(transform, transforms.Compose) and transform.transforms \
         else transform
-    return isinstance(first, DraftRandomResizedCrop)
+    return bool(getattr(first, "decodes_files", False))
 
 
 def resolve_image_root(data_path: str | os.PathLike, split: str = "train") -> Path:
@@ -319,24 +334,26 @@ class EmbeddedPhotos(Dataset):
 
 
 @contextlib.contextmanager
-def seeded_cpu_rngs(seed: int) -> Iterator[None]:
-    """Seed python ``random``, numpy and torch's CPU generator inside the block, restore them after.
+def seeded_cpu_rngs(seed: int, restore: bool = True) -> Iterator[None]:
+    """Seed python ``random``, numpy and torch's CPU generator for the block; ``restore``: put the
+    caller's states back after it.
 
-    The transforms draw from these global generators (torchvision: torch; timm's RandAugment and
-    RandomErasing: python ``random``). Restoring keeps the caller's streams untouched, which matters
-    when samples load in the training process itself (``num_workers=0``). CUDA generators are not
-    touched. Cost: a few microseconds, nothing beside decoding an image.
+    The transforms draw from these global generators (torchvision: torch; timm's RandAugment:
+    python ``random`` and numpy; RandomErasing: torch). Seeding costs ~30 us; restoring ~0.5 ms
+    (numpy's state), needed only in the training process (``num_workers=0``), whose streams
+    must stay untouched. CUDA generators are never touched.
     """
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -371,7 +388,7 @@ class SampleSeededDataset(Dataset):
 
     So an augmentation depends only on (seed, epoch, sample): the same with any number of
     workers or ranks and after a resume, different from one epoch to the next. The caller's RNG
-    streams are left as they were (``seeded_cpu_rngs``).
+    streams are left as they were (``seeded_cpu_rngs``; in a worker nothing needs restoring).
     """
 
     def __init__(self, dataset: Dataset, seed: int):
@@ -382,7 +399,8 @@ class SampleSeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with seeded_cpu_rngs(derive_seed(self.seed, epoch, index)):
+        in_worker = get_worker_info() is not None  # a worker's generators are its own
+        with seeded_cpu_rngs(derive_seed(self.seed, epoch, index), restore=not in_worker):
             return self.dataset[index]
 
 
@@ -398,6 +416,7 @@ def build_loader(
     world_size: int = 1,
     device: torch.device = torch.device("cpu"),
     train: bool = True,
+    pin_memory: Optional[bool] = None,
 ) -> DataLoader:
     """DataLoader over this rank's share of ``dataset``; batches of (images, targets).
 
@@ -405,9 +424,10 @@ def build_loader(
     ``sampler.set_epoch(epoch, skip)``) over ``SampleSeededDataset(dataset, seed)``, incomplete batches
     dropped, persistent workers (started once, not every epoch: the per-sample seeding makes their
     own RNG state irrelevant). Otherwise in order, nothing dropped (the sampler pads ranks to equal
-    length by repeating items), workers started per pass. Pinned memory on CUDA.
+    length by repeating items), workers started per pass. ``pin_memory`` None: pinned on CUDA only.
     """
-    pin_memory = device.type == "cuda"
+    if pin_memory is None:
+        pin_memory = device.type == "cuda"
     if not train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

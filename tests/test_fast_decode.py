@@ -1,4 +1,6 @@
 """engine.data's fast decode path: JPEG draft decoding keeps pretraining's crops and their statistics."""
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -6,8 +8,9 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms
 
-from engine.data import (DraftRandomResizedCrop, ImageFolderSkippingUnreadable, build_loader, draft_scale,
-                         embedded_photos, load_rgb_image, open_image, pretrain_transform)
+from engine.data import (DraftRandomResizedCrop, ImageFolderSkippingUnreadable, build_loader, decodes_files,
+                         draft_scale, embedded_photos, load_rgb_image, open_image, pretrain_transform)
+from finetune.transforms import build_train_transform
 from image_folders import make_image_folder
 
 OUTPUT = 64
@@ -24,12 +27,24 @@ def photo_jpeg(tmp_path_factory):
     return path
 
 
-def crops(path, seeds, fast):
-    """The crop stage's uint8 outputs, one per seed (the RNG seeded as the loader does per sample)."""
-    crop = DraftRandomResizedCrop(**CROP) if fast else transforms.RandomResizedCrop(**CROP)
+CROPS = {  # name: (full-decoding crop, fast crop), as pretraining and fine-tuning build them
+    "pretrain": (transforms.RandomResizedCrop(**CROP), DraftRandomResizedCrop(**CROP)),
+    "finetune": (build_train_transform(OUTPUT).transforms[0],
+                 build_train_transform(OUTPUT, fast_decode=True).transforms[0]),
+}
+
+
+def seed_all(seed):
+    torch.manual_seed(seed)  # torchvision's draws
+    random.seed(seed)  # timm's
+
+
+def crops(path, seeds, fast, name="pretrain"):
+    """The crop stage's uint8 outputs, one per seed (the RNGs seeded as the loader does per sample)."""
+    crop = CROPS[name][fast]
     outputs = []
     for seed in seeds:
-        torch.manual_seed(seed)
+        seed_all(seed)
         outputs.append(np.asarray(crop(open_image(path) if fast else load_rgb_image(path)), dtype=np.float64))
     return outputs
 
@@ -48,20 +63,23 @@ def test_draft_scale_is_the_largest_reduction_that_keeps_the_output_size():
     assert draft_scale(128, 199, (64, 100)) == 1  # width 199 < 2 * 100
 
 
-def test_fast_decode_takes_the_same_crops_as_full_decoding(photo_jpeg):
+@pytest.mark.parametrize("name", sorted(CROPS))
+def test_fast_decode_takes_the_same_crops_as_full_decoding(photo_jpeg, name):
     seeds = range(24)
     scales = []
     for seed in seeds:
-        torch.manual_seed(seed)
-        top, left, height, width = transforms.RandomResizedCrop.get_params(open_image(photo_jpeg), [0.2, 1.0],
-                                                                           [3 / 4, 4 / 3])
+        seed_all(seed)
+        top, left, height, width = CROPS[name][0].get_params(open_image(photo_jpeg), CROPS[name][0].scale,
+                                                             CROPS[name][0].ratio)
         scales.append(draft_scale(height, width, (OUTPUT, OUTPUT)))
     assert sum(scale > 1 for scale in scales) >= len(scales) // 2, "the reduced path is hardly exercised"
-    for seed, scale, slow, fast in zip(seeds, scales, crops(photo_jpeg, seeds, False), crops(photo_jpeg, seeds, True)):
+    slow_crops, fast_crops = crops(photo_jpeg, seeds, False, name), crops(photo_jpeg, seeds, True, name)
+    for seed, scale, slow, fast in zip(seeds, scales, slow_crops, fast_crops):
         if scale == 1:
-            assert np.array_equal(slow, fast), f"seed {seed}: no reduction possible, yet the crop differs"
+            assert np.array_equal(slow, fast), f"{name} seed {seed}: no reduction possible, yet the crop differs"
         else:
-            assert psnr(slow, fast) > 38, f"seed {seed}: 1/{scale} decode gives another crop (PSNR {psnr(slow, fast):.1f} dB)"
+            assert psnr(slow, fast) > 38, (f"{name} seed {seed}: 1/{scale} decode gives another crop "
+                                           f"(PSNR {psnr(slow, fast):.1f} dB)")
 
 
 def test_fast_decode_keeps_the_distribution_of_crop_statistics(photo_jpeg):
@@ -98,3 +116,9 @@ def test_truncated_jpeg_is_skipped_with_fast_decode(tmp_path):
     batches = list(build_loader(dataset, batch_size=2, num_workers=0, seed=0))
     assert [images.shape for images, _ in batches] == [(2, 3, OUTPUT, OUTPUT)] * 2
     assert [path.rsplit("/", 1)[-1] for path in dataset.unreadable_paths()] == ["truncated.jpg"]
+
+
+def test_image_folders_hand_undecoded_files_only_to_transforms_that_decode_them():
+    assert decodes_files(pretrain_transform(OUTPUT, fast_decode=True))
+    assert decodes_files(build_train_transform(OUTPUT, fast_decode=True))
+    assert not decodes_files(pretrain_transform(OUTPUT)) and not decodes_files(build_train_transform(OUTPUT))

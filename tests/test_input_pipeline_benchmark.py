@@ -22,13 +22,13 @@ def test_smoke_run_reports_pipeline_speeds_and_workers_needed(tmp_path):
     pipeline = results["pipeline"]
     assert [(row["num_workers"], row["decode"] != "full") for row in pipeline[:len(PATHS)]] == \
         [(workers, fast) for _, workers, fast in PATHS]
-    assert all(row["images_per_s"] > 0 for row in pipeline)
+    assert all(row["images_per_s"] > 0 and row["images_per_cpu_s"] > 0 for row in pipeline)
     steps = {step["model"]: step for step in results["steps"]}
     assert steps["convnextv2_atto"]["images_per_s"] == 120.0 and steps["convnextv2_atto"]["source"] == str(step_results)
     assert steps["convnextv2_tiny"]["source"] == "timed now" and steps["convnextv2_tiny"]["images_per_s"] > 0
 
     report = output.read_text()
-    worker_full = next(row["images_per_s"] for row in pipeline if row["num_workers"] == 1 and row["decode"] == "full")
+    worker_full = next(row["images_per_cpu_s"] for row in pipeline if row["num_workers"] == 1 and row["decode"] == "full")
     atto_row = next(line for line in report.splitlines() if line.startswith("| atto |"))
     assert atto_row.split("|")[7].strip() == f"{120.0 / worker_full:.2f}", atto_row
     assert json.loads(output.with_suffix(".json").read_text())["steps"][0]["images_per_s"] == 120.0
