@@ -31,20 +31,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.checkpoint import (atomic_write, find_resume_checkpoint, latest_valid_checkpoint, restore_training_state,
-                               save_checkpoint)
-from engine.cli import cli_errors, parse_and_validate
-from engine.config import (Check, ConfigError, TRAINING_CHECKS, add_training_arguments, check_output_folders,
-                           config_dict, save_config)
+from engine.checkpoint import atomic_write, latest_valid_checkpoint
+from engine.cli import parse_and_validate
+from engine.config import Check, ConfigError, TRAINING_CHECKS, add_training_arguments, config_dict
 from engine.data import build_loader
-from engine.distributed import DistributedInfo, init_distributed, wrap_ddp
-from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
-from engine.loop import Step, train_one_epoch, updates_per_epoch
-from engine.optim import build_adamw, effective_batch_size, scaled_lr
-from engine.schedule import build_lr_scheduler
-from engine.seeding import capture_rng_state, configure_determinism, derive_seed, seed_everything
+from engine.distributed import DistributedInfo
+from engine.loop import Step
+from engine.runner import Task, launch, run_training
 from finetune.data import build_datasets, check_same_classes
-from finetune.ema import EmaGradientStepper, build_model_ema
 from finetune.evaluate import evaluate
 from finetune.layer_decay import DECAY_TYPES, param_groups_layer_decay
 from finetune.mixup import MIXUP_MODES, build_mixup, build_train_criterion
@@ -184,40 +178,22 @@ def make_loss_fn(mixup_fn, criterion, device: torch.device):
     return classification_loss
 
 
-def check_checkpoint_fits(path, state: dict, model_name: str, num_classes: int, classes: list[str]) -> None:
-    """ConfigError if a training checkpoint was made for another model, class list or head size."""
-    saved_model = state.get("config", {}).get("model")
-    if saved_model is not None and saved_model != model_name:
-        raise ConfigError(f"--model {model_name}: checkpoint {path} holds a {saved_model}; "
-                          f"use --model {saved_model} or another --output_dir")
-    if "classes" in state:
-        check_same_classes(state["classes"], classes, "the checkpoint", "the data", f" (checkpoint {path})")
-    head = state["model"].get("head.fc.weight")
-    if head is not None and head.shape[0] != num_classes:
-        raise ConfigError(f"checkpoint {path} has a {head.shape[0]}-class head but the model needs {num_classes} "
-                          f"classes; pass --nb_classes {head.shape[0]} if that is right, or use another --output_dir")
+def make_checkpoint_check(model_name: str, num_classes: int, classes: list[str]):
+    """ConfigError if a training checkpoint was made for another class list or head size."""
 
+    def check_checkpoint_fits(path, state: dict, advice: str) -> None:
+        if "classes" in state:
+            check_same_classes(state["classes"], classes, "the checkpoint", "the data", f" (checkpoint {path})")
+        head = state["model"].get("head.fc.weight")
+        if head is not None and head.shape[0] != num_classes:
+            raise ConfigError(f"checkpoint {path} has a {head.shape[0]}-class head but the model needs {num_classes} "
+                              f"classes; pass --nb_classes {head.shape[0]} if that is right, {advice}")
 
-def resume(args, model, optimizer, stepper, ema, classes, num_classes, info: DistributedInfo) -> tuple[int, dict]:
-    """Load --resume, or the newest valid checkpoint with --auto_resume.
-
-    Returns (epochs completed, best results so far: {"model": {...}, "ema": {...}})."""
-    found = find_resume_checkpoint(args, info)
-    if found is None:
-        return 0, {}
-    path, state = found
-    check_checkpoint_fits(path, state, args.model, num_classes, classes)
-    restore_training_state(path, state, model, optimizer, stepper, args.num_workers, info.world_size)
-    if ema is not None:
-        if "model_ema" in state:
-            ema.module.load_state_dict(state["model_ema"])
-        else:
-            ema.set(model)
-    return int(state["epoch"]), state.get("best", {})
+    return check_checkpoint_fits
 
 
 def evaluate_and_keep_best(evaluated: dict, val_loader, epochs_done: int, best: dict, args, classes: list[str],
-                           info: DistributedInfo, tensorboard: TensorBoardWriter) -> dict:
+                           info: DistributedInfo) -> dict:
     """Evaluate each of ``evaluated`` ({"model": ..., "ema": ...}); a new best top-1 replaces
     ``best[kind]`` and its weights are written (atomically) to checkpoint-best[-ema].pth.
     Returns the metrics as ``{"<kind>_acc1": ..., ...}``."""
@@ -225,7 +201,6 @@ def evaluate_and_keep_best(evaluated: dict, val_loader, epochs_done: int, best: 
     for kind, model in evaluated.items():
         results = {"epoch": epochs_done, **evaluate(model, val_loader, info.device, args.amp)}
         record.update({f"{kind}_{name}": value for name, value in results.items() if name != "epoch"})
-        tensorboard.scalars({name: results[name] for name in ("acc1", "acc5", "loss")}, epochs_done, f"val_{kind}/")
         if results["acc1"] <= best.get(kind, {}).get("acc1", -1.0):
             continue
         best[kind] = results
@@ -245,85 +220,56 @@ def build_val_loader(val_set, args, info: DistributedInfo):
                         train=False)
 
 
-def finetune(args: argparse.Namespace, info: DistributedInfo) -> dict:
-    """Train until --epochs, evaluating every epoch; returns the best results."""
-    output_dir = Path(args.output_dir)
-    configure_determinism(info.device)
+def describe_validation(record: dict, best: dict) -> str:
+    ema = f", EMA top-1 {record['ema_acc1']:.2f}%" if "ema_acc1" in record else ""
+    return (f"val top-1 {record['model_acc1']:.2f}% top-5 {record['model_acc5']:.2f}%{ema} "
+            f"(best {max(result['acc1'] for result in best.values()):.2f}%)")
+
+
+def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
     train_transform = build_train_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode,
                                             args.recount, args.train_interpolation)
     train_set, val_set, classes = build_datasets(args, train_transform, build_eval_transform(args.input_size,
                                                                                              args.crop_pct))
     num_classes = resolve_num_classes(args, classes)
-    train_loader = build_loader(train_set, args.batch_size, args.num_workers, args.seed, info.rank, info.world_size,
-                                info.device)
     val_loader = build_val_loader(val_set, args, info)
-    updates = updates_per_epoch(len(train_loader), args.update_freq)
-    if updates < 1:
-        raise ConfigError(f"--batch_size {args.batch_size} / --update_freq {args.update_freq}: each process gets "
-                          f"{len(train_set) // info.world_size} images, fewer than one optimizer update; lower them")
-    effective_batch = effective_batch_size(args.batch_size, args.update_freq, info.world_size)
-    lr = args.lr if args.lr is not None else scaled_lr(args.blr if args.blr is not None else RECIPE_BLR,
-                                                       effective_batch)
-
-    seed_everything(args.seed)  # identical initial head on every rank (DDP also broadcasts rank 0's)
-    model = as_config_error("--finetune", build_finetune_model, args.model, num_classes, args.finetune,
-                            args.drop_path).to(info.device)
-    depths = MODEL_CONFIGS[args.model][0]
-    optimizer = build_adamw(model, lr, args.weight_decay, ADAMW_BETAS, param_group_fn=lambda m: param_groups_layer_decay(
-        m, depths, args.weight_decay, args.layer_decay, args.layer_decay_type))
-    train_model = wrap_ddp(model, info.device)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    ema = build_model_ema(model, args.model_ema_decay) if args.model_ema else None
-    stepper = EmaGradientStepper(train_model, optimizer, ema, model, amp=args.amp, update_freq=args.update_freq,
-                                 clip_grad=args.clip_grad)
-    start_epoch, best = resume(args, model, optimizer, stepper, ema, classes, num_classes, info)
-    scheduler = build_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, updates, args.min_lr)
     mixup_fn = build_mixup(num_classes, args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob,
                            args.mixup_switch_prob, args.mixup_mode, args.smoothing)
-    loss_fn = make_loss_fn(mixup_fn, build_train_criterion(mixup_fn, args.smoothing), info.device)
+    depths = MODEL_CONFIGS[args.model][0]
+    state = {"classes": classes, "best": {}}  # best results so far: {"model": {...}, "ema": {...}}
 
-    derived = {"world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
-               "lr": lr, "updates_per_epoch": updates, "num_classes": num_classes}
-    _logger.info("%s on %s x %d: %d classes, %d training images, effective batch %d (%d x %d accumulation x %d), "
-                 "lr %.3g, layer decay %s %.2f, EMA %s, %d epochs from epoch %d", args.model, info.device,
-                 info.world_size, num_classes, len(train_set), effective_batch, args.batch_size, args.update_freq,
-                 info.world_size, lr, args.layer_decay_type, args.layer_decay,
-                 args.model_ema_decay if ema is not None else "off", args.epochs, start_epoch)
-    tensorboard = TensorBoardWriter((args.log_dir or output_dir / "tensorboard") if info.is_main else None)
-    metrics_log = MetricsLog(output_dir / "metrics.jsonl" if info.is_main else None)
-    if info.is_main:
-        save_config(args, output_dir / "config.yaml", derived)
+    def evaluate_epoch(model, ema_model, epochs_done: int) -> dict:
+        evaluated = {"model": model, **({"ema": ema_model} if ema_model is not None and args.model_ema_eval else {})}
+        return evaluate_and_keep_best(evaluated, val_loader, epochs_done, state["best"], args, classes, info)
 
-    evaluated = {"model": model, **({"ema": ema.module} if ema is not None and args.model_ema_eval else {})}
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(derive_seed(args.seed, epoch, info.rank))  # augmentations depend on the epoch only
-        stats = train_one_epoch(train_model, train_loader, loss_fn, stepper, scheduler, epoch, args.epochs,
-                                args.print_freq, tensorboard)
-        epochs_done = epoch + 1
-        record = {"epoch": epochs_done, **{f"train_{name}": value for name, value in stats.items()}}
-        record.update(evaluate_and_keep_best(evaluated, val_loader, epochs_done, best, args, classes, info,
-                                             tensorboard))
-        _logger.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%% top-5 %.2f%%%s (best %.2f%%)", epochs_done,
-                     args.epochs, stats["loss"], record["model_acc1"], record["model_acc5"],
-                     f", EMA top-1 {record['ema_acc1']:.2f}%" if "ema_acc1" in record else "",
-                     max(result["acc1"] for result in best.values()))
-        metrics_log.append(record)
-        if info.is_main and (epochs_done % args.save_ckpt_freq == 0 or epochs_done == args.epochs):
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "stepper": stepper.state_dict(), "epoch": epochs_done, "config": config_dict(args),
-                     "rng": capture_rng_state(), "classes": classes, "best": best,
-                     "world_size": info.world_size}
-            if ema is not None:
-                state["model_ema"] = ema.module.state_dict()
-            save_checkpoint(state, output_dir, epochs_done, args.save_ckpt_num)
-    if start_epoch >= args.epochs:
-        _logger.info("all %d epochs were already done; nothing to train", args.epochs)
-    for kind, results in best.items():
+    return Task(
+        train_set=train_set,
+        build_model=lambda: as_config_error("--finetune", build_finetune_model, args.model, num_classes,
+                                            args.finetune, args.drop_path),
+        loss_fn=make_loss_fn(mixup_fn, build_train_criterion(mixup_fn, args.smoothing), info.device),
+        recipe_blr=RECIPE_BLR,
+        adamw_betas=ADAMW_BETAS,
+        description=(f"{args.model}: {num_classes} classes, layer decay {args.layer_decay_type} {args.layer_decay:.2f}, "
+                     f"EMA {args.model_ema_decay if args.model_ema else 'off'}"),
+        param_group_fn=lambda model: param_groups_layer_decay(model, depths, args.weight_decay, args.layer_decay,
+                                                              args.layer_decay_type),
+        ema_decay=args.model_ema_decay if args.model_ema else None,
+        state=state,
+        derived={"num_classes": num_classes},
+        check_checkpoint=make_checkpoint_check(args.model, num_classes, classes),
+        evaluate=evaluate_epoch,
+        epoch_summary=lambda record: describe_validation(record, state["best"]),
+    )
+
+
+def finetune(args: argparse.Namespace, info: DistributedInfo) -> dict:
+    """Train until --epochs, evaluating every epoch; returns the best results."""
+    task = build_task(args, info)
+    run_training(args, info, task)
+    for kind, results in task.state["best"].items():
         _logger.info("best %s top-1 %.2f%% (top-5 %.2f%%) at epoch %d", kind, results["acc1"], results["acc5"],
                      results["epoch"])
-    tensorboard.close()
-    return best
+    return task.state["best"]
 
 
 def evaluate_checkpoint(args: argparse.Namespace, info: DistributedInfo) -> dict:
@@ -377,18 +323,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         argv = demo_arguments()
     parser = build_parser()
     args = parse_and_validate(parser, argv, TRAINING_CHECKS + FINETUNE_CHECKS)
-    info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
-    with cli_errors(parser):
-        if info.is_main and not args.eval:
-            check_output_folders(args)
-        setup_logging(info.rank, None if args.eval else Path(args.output_dir) / "train.log")
-        if demo:
-            start = (f"from the FCMAE demo encoder {DEMO_PRETRAINED}" if args.finetune else
-                     f"from random initialisation (run `python pretrain.py` first to start from its "
-                     f"{DEMO_PRETRAINED})")
-            _logger.info("No arguments: demonstration run with %s %s, writing to %s", DEMO_CONFIG.name, start,
-                         args.output_dir)
-        return evaluate_checkpoint(args, info) if args.eval else finetune(args, info)
+    intro = None
+    if demo:
+        start = (f"from the FCMAE demo encoder {DEMO_PRETRAINED}" if args.finetune else
+                 f"from random initialisation (run `python pretrain.py` first to start from its {DEMO_PRETRAINED})")
+        intro = f"No arguments: demonstration run with {DEMO_CONFIG.name} {start}, writing to {args.output_dir}"
+    return launch(parser, args, lambda info: (evaluate_checkpoint if args.eval else finetune)(args, info), intro)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoints_untouched_and_resumable(
     caplog.clear()
     with caplog.at_level(logging.INFO):
         module.main(argv)  # the fault is gone: the same command resumes
-    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epochs completed)" in caplog.text
+    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epoch completed)" in caplog.text
     final = load_checkpoint(output / "checkpoint-2.pth")["model"]
     assert all(torch.isfinite(tensor).all() for tensor in final.values())
 
