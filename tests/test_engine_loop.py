@@ -144,3 +144,12 @@ def test_gradient_norm_is_reported_before_clipping(caplog):
     stepper = GradientStepper(model, torch.optim.SGD(model.parameters(), lr=0.0), clip_grad=0.1)
     stats = train_one_epoch(model, [batch], mean_squared_loss, stepper, ConstantLr(), epoch=0, epochs=1)
     assert stats["grad_norm"] == pytest.approx(6 * 3 ** 0.5, rel=1e-6)  # not the clipped 0.1
+
+
+def test_a_one_update_cosine_does_not_log_timms_no_effect_warning(caplog):
+    optimizer = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING):
+        scheduler = build_lr_scheduler(optimizer, epochs=2, warmup_epochs=2, updates_per_epoch=3)  # all warmup
+    assert "no effect" not in caplog.text
+    scheduler.step_update(3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # the warmup is still half way at update 3
