@@ -7,7 +7,8 @@ import torch.nn as nn
 
 import fcmae
 from engine.logging import ProgressMeter
-from engine.loop import GradientStepper, NonFiniteLossError, is_log_point, train_one_epoch
+from engine.flops import model_flops_utilization, peak_tflops
+from engine.loop import GradientStepper, NonFiniteLossError, Step, count_step_flops, is_log_point, train_one_epoch
 from engine.optim import build_adamw
 from engine.schedule import build_lr_scheduler
 
@@ -153,3 +154,40 @@ def test_a_one_update_cosine_does_not_log_timms_no_effect_warning(caplog):
     assert "no effect" not in caplog.text
     scheduler.step_update(3)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # the warmup is still half way at update 3
+
+
+def test_peak_flops_table_matches_device_names_most_specific_first():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA H200", "tf32") == 494.7
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
+    assert peak_tflops("NVIDIA A10", "bf16") == 125.0 and peak_tflops("NVIDIA A10G", "bf16") == 70.0
+    assert peak_tflops("NVIDIA L4", "fp32") == 30.3 and peak_tflops("NVIDIA L40S", "bf16") == 362.1
+    assert peak_tflops("Tesla V100-SXM2-32GB", "tf32") == 15.7  # no TF32 units: fp32 peak
+    assert peak_tflops("NVIDIA GeForce RTX 4090", "bf16") == 165.2
+    assert peak_tflops("AMD Instinct MI300X", "bf16") is None
+
+
+def test_step_flops_count_a_depthwise_conv_backward_once_not_per_group():
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    stepper = GradientStepper(conv, torch.optim.SGD(conv.parameters(), lr=0.1))
+
+    def loss_fn(model, batch, step):
+        return model(batch).sum(), {}
+
+    flops = count_step_flops(conv, loss_fn, torch.randn(2, 4, 8, 8), Step(0, 0, 0), stepper)
+    forward = 2 * (4 * 8 * 8) * (3 * 3)  # multiply-adds of each output element of one image
+    assert flops == 2 * forward  # forward + weight gradient (the input needs none)
+    assert conv.weight.grad is None, "the counted step must leave no gradient behind"
+    assert model_flops_utilization(1e12, 10.0, 100.0) == pytest.approx(0.1)
+
+
+def test_mfu_appears_in_progress_line_and_summary_when_the_peak_is_known(caplog):
+    model = nn.Linear(4, 1)
+    stepper = GradientStepper(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    batches = [(torch.randn(2, 4), torch.randn(2, 1))] * 2
+    with caplog.at_level(logging.INFO):
+        stats = train_one_epoch(model, batches, mean_squared_loss, stepper, ConstantLr(), epoch=0, epochs=1,
+                                print_freq=1, peak_tflops=1e-9)
+    assert stats["mfu"] > 0 and "MFU" in caplog.text
+    assert stats["grad_norm"] > 0

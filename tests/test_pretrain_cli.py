@@ -51,9 +51,9 @@ def test_run_writes_checkpoint_export_logs_config_and_picture(tiny_run):
     assert {"model", "optimizer", "stepper", "iteration"} <= state.keys() and state["iteration"] == 0
     epochs = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in epochs] == [1, 2]
-    assert all(0 < record["loss"] < 10 and record["images_per_s"] > 0 for record in epochs)
+    assert all(0 < record["loss"] < 10 and record["images_per_s"] > 0 and record["grad_norm"] > 0 for record in epochs)
     assert yaml.safe_load((output / "config.yaml").read_text())["input_size"] == 64
-    assert "epoch 2/2 [2/2]  loss" in (output / "train.log").read_text()
+    assert "epoch 2/2 [2/2]  loss" in (output / "train.log").read_text() and "  grad_norm " in (output / "train.log").read_text()
     assert (output / "reconstruction.png").stat().st_size > 0
     assert stats["loss"] == epochs[-1]["loss"]
     assert not list(output.glob(".*.tmp")), "temporary files left behind"
@@ -79,7 +79,8 @@ def test_tensorboard_has_loss_lr_throughput_scalars_and_reconstruction_image(tin
     output, _ = tiny_run
     events = EventAccumulator(str(output / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
     tags = events.Tags()
-    assert {"train/loss", "train/lr", "train/images_per_s", "epoch/loss", "epoch/lr"} <= set(tags["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "epoch/loss", "epoch/lr",
+            "epoch/grad_norm"} <= set(tags["scalars"])
     assert "reconstruction" in tags["images"]
     assert len(events.Scalars("train/loss")) == 4  # 2 epochs x 2 iterations, print_freq 1
     assert [event.step for event in events.Images("reconstruction")] == [1, 2]
