@@ -38,6 +38,7 @@ from engine.data import build_loader
 from engine.distributed import DistributedInfo
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
+from engine.signals import workers_ignore_stop_signals
 from finetune.data import build_datasets, check_same_classes
 from finetune.evaluate import evaluate
 from finetune.layer_decay import DECAY_TYPES, param_groups_layer_decay
@@ -216,8 +217,10 @@ def evaluate_and_keep_best(evaluated: dict, val_loader, epochs_done: int, best: 
 def build_val_loader(val_set, args, info: DistributedInfo):
     """In order, nothing dropped; split across ranks with --dist_eval, else whole on every rank."""
     rank, world_size = (info.rank, info.world_size) if args.dist_eval else (0, 1)
-    return build_loader(val_set, args.batch_size, args.num_workers, args.seed, rank, world_size, info.device,
-                        train=False)
+    loader = build_loader(val_set, args.batch_size, args.num_workers, args.seed, rank, world_size, info.device,
+                          train=False)
+    workers_ignore_stop_signals(loader)  # a stop signal during evaluation waits for the epoch's checkpoint
+    return loader
 
 
 def describe_validation(record: dict, best: dict) -> str:

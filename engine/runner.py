@@ -55,7 +55,8 @@ from .loop import EpochProgress, Step, current_lr, train_one_epoch, updates_per_
 from .optim import build_adamw, effective_batch_size, scaled_lr
 from .schedule import build_lr_scheduler
 from .seeding import configure_determinism, derive_seed, seed_everything
-from .signals import EXIT_INTERRUPTED, EXIT_STOPPED, handle_stop_signals, stop_reason, stop_requested
+from .signals import (EXIT_INTERRUPTED, EXIT_STOPPED, handle_stop_signals, stop_reason, stop_requested,
+                      workers_ignore_stop_signals)
 
 _logger = logging.getLogger(__name__)
 
@@ -345,10 +346,11 @@ def report_replicas(model: nn.Module, info: DistributedInfo) -> None:
 def run_training(args: argparse.Namespace, info: DistributedInfo, task: Task) -> dict:
     """Train ``task`` until --epochs; returns the last epoch's metrics record ({} if nothing was
     left to train). Raises ConfigError / run faults for ``launch``; ``TrainingStopped`` on a signal."""
-    with handle_stop_signals():  # before the loaders' workers fork, so that they inherit the handlers
+    with handle_stop_signals():
         configure_determinism(info.device)
         loader = build_loader(task.train_set, args.batch_size, args.num_workers, args.seed, info.rank,
                               info.world_size, info.device)
+        workers_ignore_stop_signals(loader)
         updates = check_updates_per_epoch(len(loader), args, len(task.train_set), info.world_size)
         effective_batch = effective_batch_size(args.batch_size, args.update_freq, info.world_size)
         blr = args.blr if args.blr is not None else task.recipe_blr

@@ -15,13 +15,18 @@ set; the checkpoint is written atomically either way).
 * ``stop_requested()`` / ``stop_reason()``.
 * ``handle_stop_signals()``: context that clears any earlier request, installs the handlers (main
   thread only) and restores the previous ones on exit.
+* ``workers_ignore_stop_signals(loader)``: DataLoader workers ignore SIGTERM / SIGUSR1, which a
+  scheduler sends to the whole process group: PyTorch's workers would otherwise die at once and
+  take the main process down before it could checkpoint. They still end when the loader tells
+  them to (and with the main process).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 EXIT_STOPPED: int = 3
 EXIT_INTERRUPTED: int = 130
@@ -53,10 +58,7 @@ def _on_signal(signum: int, _frame) -> None:
 
 @contextlib.contextmanager
 def handle_stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGUSR1 call ``request_stop`` while inside; no-op outside the main thread.
-
-    DataLoader workers forked inside inherit the handlers, so a signal sent to the whole process
-    group (as Slurm does) does not kill them before the main process has saved."""
+    """SIGTERM and SIGUSR1 call ``request_stop`` while inside; no-op outside the main thread."""
     global _stop_reason
     _stop_reason = None
     if threading.current_thread() is not threading.main_thread():
@@ -68,3 +70,16 @@ def handle_stop_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _ignore_stop_signals(worker_init_fn: Optional[Callable[[int], None]], worker_id: int) -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def workers_ignore_stop_signals(loader) -> None:
+    """Make ``loader``'s worker processes (started later) ignore the stop signals; its own
+    ``worker_init_fn`` still runs after that."""
+    loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)

@@ -148,6 +148,7 @@ def test_shipped_configs_are_valid(name):
         assert args.model == f"convnextv2_{name}" and args.blr == 1.5e-4 and args.warmup_epochs == 40
         assert args.batch_size * args.update_freq * 8 == 4096, "recipes assume 8 GPUs and effective batch 4096"
         assert args.epochs == (800 if name in ("large", "huge") else 1600)
+        assert (args.save_ckpt_freq, args.save_ckpt_minutes) == (1, 30), "a preempted run must not lose hours"
 
 
 def test_explicit_resume_file_is_used_instead_of_output_dir(tiny_run, tmp_path, caplog):
