@@ -279,7 +279,8 @@ class Run:
 
     def stop(self, path: Path, where: str) -> None:
         self.cadence.barrier()  # nobody exits (and makes torchrun stop the others) before the file is complete
-        raise TrainingStopped(f"stopped on {stop_reason()} {where}: wrote {path}; rerun the same command to "
+        reason = stop_reason() or "another process's stop request"
+        raise TrainingStopped(f"stopped on {reason} {where}: wrote {path}; rerun the same command to "
                               f"resume from it (exit code {EXIT_STOPPED})")
 
     def after_update(self, step: Step, progress: EpochProgress) -> None:

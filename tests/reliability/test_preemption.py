@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from engine.checkpoint import checkpoint_paths, load_checkpoint
 from engine.signals import EXIT_INTERRUPTED, EXIT_STOPPED, request_stop
 from finetune_helpers import load_finetune_script
 from reliability.faults import (POLL_S, assert_states_equal, finetune_args, finish, log_contains, pretrain_args,
-                                progress_by_iteration, sigkill, start_script, wait_until)
+                                process_with_rank, progress_by_iteration, sigkill, start_script, wait_until)
 
 EPOCHS = 3  # 4 iterations of batch 2 each
 MID_EPOCH = re.compile(r"checkpoint-\d+-\d+\.pth")
@@ -169,3 +170,28 @@ def test_ctrl_c_stops_with_one_line_naming_the_last_checkpoint(pretrain_data, tm
     assert lines[-1].endswith(f"interrupted (Ctrl-C); the last checkpoint is {output / 'checkpoint-1.pth'}; "
                               "rerun the same command to resume from it"), lines[-3:]
     assert re.match(r"\d\d:\d\d:\d\d epoch 2/3 \[", lines[-2]), "more than one line after the progress lines"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank processes through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_update_and_the_job_resumes(pretrain_data, tmp_path):
+    output, log = tmp_path / "out", tmp_path / "job.out"
+    argv = pretrain_args(pretrain_data, output, "--batch_size", "1")  # 2 ranks x 4 iterations of 1 image
+    job = start_script("pretrain.py", argv, log, torchrun=2)
+    wait_until(log_contains(output / "train.log", f"epoch 2/{EPOCHS} [1/4]"), job, log, "iteration 1 of epoch 2")
+    os.kill(process_with_rank(job.pid, 1), signal.SIGTERM)
+    job.wait(120)
+
+    text = log.read_text()
+    stops = re.findall(r"stopped on (SIGTERM|another process's stop request) in epoch 2 after iteration (\d): "
+                       r"wrote (\S+);", text)
+    assert sorted(reason for reason, _, _ in stops) == ["SIGTERM", "another process's stop request"], text[-3000:]
+    assert len({(iteration, path) for _, iteration, path in stops}) == 1, "the ranks stopped at different updates"
+    assert re.search(r"exitcode\s*:\s*3", text), "the workers' exit code is not EXIT_STOPPED"
+    path = stops[0][2]
+    assert load_checkpoint(path)["iteration"] == int(stops[0][1])
+
+    rerun = start_script("pretrain.py", argv, tmp_path / "rerun.out", torchrun=2)
+    finish(rerun, tmp_path / "rerun.out")
+    train_log = (output / "train.log").read_text()
+    assert f"resumed from {path} (1 epoch and" in train_log and "weights identical on all 2 ranks" in train_log
