@@ -13,10 +13,12 @@ warmup + cosine, layer-wise lr decay, drop path, RandAugment, random erasing, Mi
 label smoothing, EMA of the weights evaluated each epoch, AMP. ``--finetune`` takes any layout
 ``models.load_pretrained`` reads; the classifier is always new (``--nb_classes``, default: the
 number of class folders). Rerunning a command resumes from the newest valid checkpoint in
-``--output_dir`` (``--auto_resume``, on by default).
+``--output_dir`` (``--auto_resume``, on by default), mid-epoch ones included; SIGTERM / SIGUSR1
+checkpoint at the next optimizer update and exit with code 3 (engine.runner).
 
 Writes to --output_dir (rank 0): config.yaml, train.log, metrics.jsonl (one JSON object per
-epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), checkpoint-best.pth and
+epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), checkpoint-<epoch>-<updates>.pth
+inside epochs (--save_ckpt_steps / --save_ckpt_minutes), checkpoint-best.pth and
 checkpoint-best-ema.pth (weights of the best top-1 epoch, loadable with --finetune / --resume /
 models.load_pretrained) and TensorBoard events (--log_dir, default <output_dir>/tensorboard).
 """

@@ -8,12 +8,14 @@
 
 Effective batch = batch_size * update_freq * world_size (the recipe uses 4096); the lr is
 blr * effective batch / 256 unless --lr is given. Rerunning the same command resumes from the
-newest valid checkpoint in --output_dir (--auto_resume, on by default).
+newest valid checkpoint in --output_dir (--auto_resume, on by default), mid-epoch ones included.
+SIGTERM / SIGUSR1 checkpoint at the next optimizer update and exit with code 3 (engine.runner).
 
 Writes to --output_dir (rank 0 only): config.yaml, train.log, metrics.jsonl (one JSON object per
-epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), encoder.safetensors (encoder weights
-with timm names, for finetune.py or timm), reconstruction.png, and TensorBoard events
-(--log_dir, default <output_dir>/tensorboard).
+epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num) and checkpoint-<epoch>-<updates>.pth
+inside epochs (--save_ckpt_steps / --save_ckpt_minutes), encoder.safetensors (encoder weights
+with timm names, for finetune.py or timm) and reconstruction.png with each epoch checkpoint, and
+TensorBoard events (--log_dir, default <output_dir>/tensorboard).
 """
 from __future__ import annotations
 

@@ -248,12 +248,14 @@ class CheckpointCadence:
 
 
 class Run:
-    """One call of ``run_training``: saving checkpoints at the right moments."""
+    """One call of ``run_training`` once everything is set up: the epochs, and checkpoints at the
+    right moments."""
 
-    def __init__(self, args: argparse.Namespace, info: DistributedInfo, task: Task, training: Training,
-                 iterations: int, tensorboard: TensorBoardWriter):
-        self.args, self.info, self.task, self.training, self.iterations = args, info, task, training, iterations
-        self.tensorboard = tensorboard
+    def __init__(self, args: argparse.Namespace, info: DistributedInfo, task: Task, training: Training, loader,
+                 scheduler, tensorboard: TensorBoardWriter, metrics_log: MetricsLog):
+        self.args, self.info, self.task, self.training = args, info, task, training
+        self.loader, self.scheduler, self.tensorboard, self.metrics_log = loader, scheduler, tensorboard, metrics_log
+        self.iterations = updates_per_epoch(len(loader), args.update_freq) * args.update_freq
         self.cadence = CheckpointCadence(args, info)
 
     def checkpoint_state(self, epochs_done: int, iteration: int, progress: Optional[dict]) -> dict:
@@ -311,6 +313,40 @@ class Run:
         if stop:
             self.stop(path, f"after epoch {epochs_done}")
 
+    def train(self, position: Position) -> dict:
+        """The epochs from ``position`` to --epochs; returns the last epoch's record ({} if none)."""
+        args, info, task, training = self.args, self.info, self.task, self.training
+        peak = device_peak_tflops(info.device, args.amp)
+        evaluated_ema = training.ema.module if training.ema is not None else None
+        record: dict = {}
+        for epoch in range(position.epoch, args.epochs):
+            resumed_here = epoch == position.epoch
+            seed_everything(derive_seed(args.seed, epoch, info.rank))  # the loader's worker seeds: the epoch's
+            stats = train_one_epoch(training.train_model, self.loader, task.loss_fn, training.stepper, self.scheduler,
+                                    epoch, args.epochs, args.print_freq, self.tensorboard, seed=args.seed,
+                                    start_iteration=position.iteration if resumed_here else 0,
+                                    progress_state=position.progress if resumed_here else None,
+                                    after_update=self.after_update, peak_tflops=peak)
+            stats["unreadable_images"] = count_unreadable(task.train_set, info.device)
+            epochs_done = epoch + 1
+            record = {"epoch": epochs_done, **stats}
+            if task.evaluate is not None:
+                evaluation = task.evaluate(training.model, evaluated_ema, epochs_done)
+                self.tensorboard.scalars(evaluation, epochs_done, "val/")
+                record.update(evaluation)
+            log_epoch(args, task, record)
+            self.metrics_log.append(record)
+            self.tensorboard.scalars({name: value for name, value in stats.items() if name != "epoch_time_s"},
+                                     epochs_done, "epoch/")
+            self.end_epoch(epochs_done)
+        if position.epoch >= args.epochs:
+            _logger.info("nothing left to train: %d of %d epochs done", position.epoch, args.epochs)
+            if info.is_main and task.export is not None:
+                task.export(training.model, position.epoch, self.tensorboard)
+        if info.world_size > 1:
+            report_replicas(training.model, info)
+        return record
+
 
 # ---------------------------------------------------------------- the run
 
@@ -329,7 +365,7 @@ def log_epoch(args: argparse.Namespace, task: Task, record: dict) -> None:
     extra = task.epoch_summary(record)
     unreadable = record.get("unreadable_images", 0)
     _logger.info("epoch %d/%d done: loss %.4f, lr %.3g, grad_norm %.3g, %.1f img/s, %.0f s%s%s%s", record["epoch"],
-                 args.epochs, record["loss"], record["lr"], record.get("grad_norm", float("nan")),
+                 args.epochs, record.get("loss", float("nan")), record["lr"], record.get("grad_norm", float("nan")),
                  record["images_per_s"], record["epoch_time_s"],
                  f", MFU {100 * record['mfu']:.1f}%" if "mfu" in record else "",
                  f", {unreadable} unreadable images skipped" if unreadable else "", f"; {extra}" if extra else "")
@@ -366,35 +402,7 @@ def run_training(args: argparse.Namespace, info: DistributedInfo, task: Task) ->
                      "%d epochs from epoch %d", task.description, info.device, info.world_size, len(task.train_set),
                      effective_batch, args.batch_size, args.update_freq, info.world_size, lr, args.epochs,
                      position.epoch)
-        run = Run(args, info, task, training, updates * args.update_freq, tensorboard)
-        peak = device_peak_tflops(info.device, args.amp)
-        evaluated_ema = training.ema.module if training.ema is not None else None
-        record: dict = {}
-        for epoch in range(position.epoch, args.epochs):
-            resumed_here = epoch == position.epoch
-            seed_everything(derive_seed(args.seed, epoch, info.rank))  # the loader's worker seeds: the epoch's
-            stats = train_one_epoch(training.train_model, loader, task.loss_fn, training.stepper, scheduler, epoch,
-                                    args.epochs, args.print_freq, tensorboard, seed=args.seed,
-                                    start_iteration=position.iteration if resumed_here else 0,
-                                    progress_state=position.progress if resumed_here else None,
-                                    after_update=run.after_update, peak_tflops=peak)
-            stats["unreadable_images"] = count_unreadable(task.train_set, info.device)
-            epochs_done = epoch + 1
-            record = {"epoch": epochs_done, **stats}
-            if task.evaluate is not None:
-                evaluation = task.evaluate(training.model, evaluated_ema, epochs_done)
-                tensorboard.scalars(evaluation, epochs_done, "val/")
-                record.update(evaluation)
-            log_epoch(args, task, record)
-            metrics_log.append(record)
-            tensorboard.scalars({name: value for name, value in stats.items() if name != "epoch_time_s"},
-                                epochs_done, "epoch/")
-            run.end_epoch(epochs_done)
-        if position.epoch >= args.epochs:
-            _logger.info("nothing left to train: %d of %d epochs done", position.epoch, args.epochs)
-            if info.is_main and task.export is not None:
-                task.export(training.model, position.epoch, tensorboard)
-        if info.world_size > 1:
-            report_replicas(training.model, info)
-        tensorboard.close()
-        return record
+        try:
+            return Run(args, info, task, training, loader, scheduler, tensorboard, metrics_log).train(position)
+        finally:
+            tensorboard.close()
