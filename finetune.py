@@ -13,10 +13,12 @@ warmup + cosine, layer-wise lr decay, drop path, RandAugment, random erasing, Mi
 label smoothing, EMA of the weights evaluated each epoch, AMP. ``--finetune`` takes any layout
 ``models.load_pretrained`` reads; the classifier is always new (``--nb_classes``, default: the
 number of class folders). Rerunning a command resumes from the newest valid checkpoint in
-``--output_dir`` (``--auto_resume``, on by default).
+``--output_dir`` (``--auto_resume``, on by default), mid-epoch ones included; SIGTERM / SIGUSR1
+checkpoint at the next optimizer update and exit with code 3 (engine.runner).
 
 Writes to --output_dir (rank 0): config.yaml, train.log, metrics.jsonl (one JSON object per
-epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), checkpoint-best.pth and
+epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), checkpoint-<epoch>-<updates>.pth
+inside epochs (--save_ckpt_steps / --save_ckpt_minutes), checkpoint-best.pth and
 checkpoint-best-ema.pth (weights of the best top-1 epoch, loadable with --finetune / --resume /
 models.load_pretrained) and TensorBoard events (--log_dir, default <output_dir>/tensorboard).
 """
@@ -30,21 +32,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.checkpoint import (atomic_write, find_resume_checkpoint, latest_valid_checkpoint, restore_training_state,
-                               save_checkpoint)
-from engine.cli import cli_errors, parse_and_validate
+from engine.checkpoint import atomic_write, latest_valid_checkpoint
+from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
-                           TrainingArgumentParser, add_training_arguments, check_output_folders, config_dict,
-                           optional_path, parse_bool, resolve_hardware_defaults, save_config)
+                           TrainingArgumentParser, add_training_arguments, config_dict, optional_path, parse_bool)
 from engine.data import build_loader
-from engine.distributed import DistributedInfo, init_distributed, wrap_ddp
-from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
-from engine.loop import Step, train_one_epoch, updates_per_epoch
-from engine.optim import build_adamw, effective_batch_size, scaled_lr
-from engine.schedule import build_lr_scheduler
-from engine.seeding import capture_rng_state, configure_determinism, derive_seed, seed_everything
+from engine.distributed import DistributedInfo
+from engine.loop import Step
+from engine.runner import Task, launch, run_training
+from engine.signals import workers_ignore_stop_signals
 from finetune.data import build_datasets, check_same_classes
-from finetune.ema import EmaGradientStepper, build_model_ema
 from finetune.evaluate import evaluate
 from finetune.layer_decay import DECAY_TYPES, param_groups_layer_decay
 from finetune.mixup import MIXUP_MODES, build_mixup, build_train_criterion
@@ -214,40 +211,22 @@ def make_loss_fn(mixup_fn, criterion, device: torch.device):
     return classification_loss
 
 
-def check_checkpoint_fits(path, state: dict, model_name: str, num_classes: int, classes: list[str]) -> None:
-    """ConfigError if a training checkpoint was made for another model, class list or head size."""
-    saved_model = state.get("config", {}).get("model")
-    if saved_model is not None and saved_model != model_name:
-        raise ConfigError(f"--model {model_name}: checkpoint {path} holds a {saved_model}; "
-                          f"use --model {saved_model} or another --output_dir")
-    if "classes" in state:
-        check_same_classes(state["classes"], classes, "the checkpoint", "the data", f" (checkpoint {path})")
-    head = state["model"].get("head.fc.weight")
-    if head is not None and head.shape[0] != num_classes:
-        raise ConfigError(f"checkpoint {path} has a {head.shape[0]}-class head but the model needs {num_classes} "
-                          f"classes; pass --nb_classes {head.shape[0]} if that is right, or use another --output_dir")
+def make_checkpoint_check(model_name: str, num_classes: int, classes: list[str]):
+    """ConfigError if a training checkpoint was made for another class list or head size."""
 
+    def check_checkpoint_fits(path, state: dict, advice: str) -> None:
+        if "classes" in state:
+            check_same_classes(state["classes"], classes, "the checkpoint", "the data", f" (checkpoint {path})")
+        head = state["model"].get("head.fc.weight")
+        if head is not None and head.shape[0] != num_classes:
+            raise ConfigError(f"checkpoint {path} has a {head.shape[0]}-class head but the model needs {num_classes} "
+                              f"classes; pass --nb_classes {head.shape[0]} if that is right, {advice}")
 
-def resume(args, model, optimizer, stepper, ema, classes, num_classes, info: DistributedInfo) -> tuple[int, dict]:
-    """Load --resume, or the newest valid checkpoint with --auto_resume.
-
-    Returns (epochs completed, best results so far: {"model": {...}, "ema": {...}})."""
-    found = find_resume_checkpoint(args, info)
-    if found is None:
-        return 0, {}
-    path, state = found
-    check_checkpoint_fits(path, state, args.model, num_classes, classes)
-    restore_training_state(path, state, model, optimizer, stepper, args.num_workers, info.world_size)
-    if ema is not None:
-        if "model_ema" in state:
-            ema.module.load_state_dict(state["model_ema"])
-        else:
-            ema.set(model)
-    return int(state["epoch"]), state.get("best", {})
+    return check_checkpoint_fits
 
 
 def evaluate_and_keep_best(evaluated: dict, val_loader, epochs_done: int, best: dict, args, classes: list[str],
-                           info: DistributedInfo, tensorboard: TensorBoardWriter) -> dict:
+                           info: DistributedInfo) -> dict:
     """Evaluate each of ``evaluated`` ({"model": ..., "ema": ...}); a new best top-1 replaces
     ``best[kind]`` and its weights are written (atomically) to checkpoint-best[-ema].pth.
     Returns the metrics as ``{"<kind>_acc1": ..., ...}``."""
@@ -255,7 +234,6 @@ def evaluate_and_keep_best(evaluated: dict, val_loader, epochs_done: int, best: 
     for kind, model in evaluated.items():
         results = {"epoch": epochs_done, **evaluate(model, val_loader, info.device, args.amp)}
         record.update({f"{kind}_{name}": value for name, value in results.items() if name != "epoch"})
-        tensorboard.scalars({name: results[name] for name in ("acc1", "acc5", "loss")}, epochs_done, f"val_{kind}/")
         if results["acc1"] <= best.get(kind, {}).get("acc1", -1.0):
             continue
         best[kind] = results
@@ -271,89 +249,62 @@ def evaluate_and_keep_best(evaluated: dict, val_loader, epochs_done: int, best: 
 def build_val_loader(val_set, args, info: DistributedInfo):
     """In order, nothing dropped; split across ranks with --dist_eval, else whole on every rank."""
     rank, world_size = (info.rank, info.world_size) if args.dist_eval else (0, 1)
-    return build_loader(val_set, args.batch_size, args.num_workers, args.seed, rank, world_size, info.device,
-                        train=False)
+    loader = build_loader(val_set, args.batch_size, args.num_workers, args.seed, rank, world_size, info.device,
+                          train=False, pin_memory=args.pin_mem)
+    workers_ignore_stop_signals(loader)  # a stop signal during evaluation waits for the epoch's checkpoint
+    return loader
+
+
+def describe_validation(record: dict, best: dict) -> str:
+    ema = f", EMA top-1 {record['ema_acc1']:.2f}%" if "ema_acc1" in record else ""
+    return (f"val top-1 {record['model_acc1']:.2f}% top-5 {record['model_acc5']:.2f}%{ema} "
+            f"(best {max(result['acc1'] for result in best.values()):.2f}%)")
+
+
+def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
+    train_transform = build_train_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode,
+                                            args.recount, args.train_interpolation, fast_decode=args.fast_decode)
+    train_set, val_set, classes = build_datasets(args, train_transform, build_eval_transform(args.input_size,
+                                                                                             args.crop_pct))
+    num_classes = resolve_num_classes(args, classes)
+    val_loader = build_val_loader(val_set, args, info)
+    mixup_fn = build_mixup(num_classes, args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob,
+                           args.mixup_switch_prob, args.mixup_mode, args.smoothing)
+    depths = MODEL_CONFIGS[args.model][0]
+    state = {"classes": classes, "best": {}}  # best results so far: {"model": {...}, "ema": {...}}
+
+    def evaluate_epoch(model, ema_model, epochs_done: int) -> dict:
+        evaluated = {"model": model, **({"ema": ema_model} if ema_model is not None and args.model_ema_eval else {})}
+        return evaluate_and_keep_best(evaluated, val_loader, epochs_done, state["best"], args, classes, info)
+
+    return Task(
+        train_set=train_set,
+        build_model=lambda: as_config_error("--finetune", build_finetune_model, args.model, num_classes,
+                                            args.finetune, args.drop_path, grad_checkpointing=args.grad_checkpointing),
+        loss_fn=make_loss_fn(mixup_fn, build_train_criterion(mixup_fn, args.smoothing), info.device),
+        recipe_blr=RECIPE_BLR,
+        adamw_betas=ADAMW_BETAS,
+        description=(f"{args.model}: {num_classes} classes, layer decay {args.layer_decay_type} {args.layer_decay:.2f}, "
+                     f"EMA {args.model_ema_decay if args.model_ema else 'off'}"),
+        param_group_fn=lambda model: param_groups_layer_decay(model, depths, args.weight_decay, args.layer_decay,
+                                                              args.layer_decay_type),
+        ema_decay=args.model_ema_decay if args.model_ema else None,
+        state=state,
+        derived={"num_classes": num_classes},
+        check_checkpoint=make_checkpoint_check(args.model, num_classes, classes),
+        evaluate=evaluate_epoch,
+        epoch_summary=lambda record: describe_validation(record, state["best"]),
+    )
 
 
 def finetune(args: argparse.Namespace, info: DistributedInfo) -> dict:
     """Train until --epochs, evaluating every epoch; returns the best results."""
-    output_dir = Path(args.output_dir)
-    configure_determinism(info.device)
-    train_transform = build_train_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode,
-                                            args.recount, args.train_interpolation)
-    train_set, val_set, classes = build_datasets(args, train_transform, build_eval_transform(args.input_size,
-                                                                                             args.crop_pct))
-    num_classes = resolve_num_classes(args, classes)
-    train_loader = build_loader(train_set, args.batch_size, args.num_workers, args.seed, info.rank, info.world_size,
-                                info.device)
-    val_loader = build_val_loader(val_set, args, info)
-    updates = updates_per_epoch(len(train_loader), args.update_freq)
-    if updates < 1:
-        raise ConfigError(f"--batch_size {args.batch_size} / --update_freq {args.update_freq}: each process gets "
-                          f"{len(train_set) // info.world_size} images, fewer than one optimizer update; lower them")
-    effective_batch = effective_batch_size(args.batch_size, args.update_freq, info.world_size)
-    lr = args.lr if args.lr is not None else scaled_lr(args.blr if args.blr is not None else RECIPE_BLR,
-                                                       effective_batch)
-
-    seed_everything(args.seed)  # identical initial head on every rank (DDP also broadcasts rank 0's)
-    model = as_config_error("--finetune", build_finetune_model, args.model, num_classes, args.finetune,
-                            args.drop_path, grad_checkpointing=args.grad_checkpointing).to(info.device)
-    depths = MODEL_CONFIGS[args.model][0]
-    optimizer = build_adamw(model, lr, args.weight_decay, ADAMW_BETAS, param_group_fn=lambda m: param_groups_layer_decay(
-        m, depths, args.weight_decay, args.layer_decay, args.layer_decay_type))
-    train_model = wrap_ddp(model, info.device)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    ema = build_model_ema(model, args.model_ema_decay) if args.model_ema else None
-    stepper = EmaGradientStepper(train_model, optimizer, ema, model, amp=args.amp, update_freq=args.update_freq,
-                                 clip_grad=args.clip_grad)
-    start_epoch, best = resume(args, model, optimizer, stepper, ema, classes, num_classes, info)
-    scheduler = build_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, updates, args.min_lr)
-    mixup_fn = build_mixup(num_classes, args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob,
-                           args.mixup_switch_prob, args.mixup_mode, args.smoothing)
-    loss_fn = make_loss_fn(mixup_fn, build_train_criterion(mixup_fn, args.smoothing), info.device)
-
-    derived = {"world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
-               "lr": lr, "updates_per_epoch": updates, "num_classes": num_classes}
-    _logger.info("%s on %s x %d: %d classes, %d training images, effective batch %d (%d x %d accumulation x %d), "
-                 "lr %.3g, layer decay %s %.2f, EMA %s, %d epochs from epoch %d", args.model, info.device,
-                 info.world_size, num_classes, len(train_set), effective_batch, args.batch_size, args.update_freq,
-                 info.world_size, lr, args.layer_decay_type, args.layer_decay,
-                 args.model_ema_decay if ema is not None else "off", args.epochs, start_epoch)
-    tensorboard = TensorBoardWriter((args.log_dir or output_dir / "tensorboard") if info.is_main else None)
-    metrics_log = MetricsLog(output_dir / "metrics.jsonl" if info.is_main else None)
-    if info.is_main:
-        save_config(args, output_dir / "config.yaml", derived)
-
-    evaluated = {"model": model, **({"ema": ema.module} if ema is not None and args.model_ema_eval else {})}
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(derive_seed(args.seed, epoch, info.rank))  # augmentations depend on the epoch only
-        stats = train_one_epoch(train_model, train_loader, loss_fn, stepper, scheduler, epoch, args.epochs,
-                                args.print_freq, tensorboard)
-        epochs_done = epoch + 1
-        record = {"epoch": epochs_done, **{f"train_{name}": value for name, value in stats.items()}}
-        record.update(evaluate_and_keep_best(evaluated, val_loader, epochs_done, best, args, classes, info,
-                                             tensorboard))
-        _logger.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%% top-5 %.2f%%%s (best %.2f%%)", epochs_done,
-                     args.epochs, stats["loss"], record["model_acc1"], record["model_acc5"],
-                     f", EMA top-1 {record['ema_acc1']:.2f}%" if "ema_acc1" in record else "",
-                     max(result["acc1"] for result in best.values()))
-        metrics_log.append(record)
-        if info.is_main and (epochs_done % args.save_ckpt_freq == 0 or epochs_done == args.epochs):
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "stepper": stepper.state_dict(), "epoch": epochs_done, "config": config_dict(args),
-                     "rng": capture_rng_state(), "classes": classes, "best": best,
-                     "world_size": info.world_size}
-            if ema is not None:
-                state["model_ema"] = ema.module.state_dict()
-            save_checkpoint(state, output_dir, epochs_done, args.save_ckpt_num)
-    if start_epoch >= args.epochs:
-        _logger.info("all %d epochs were already done; nothing to train", args.epochs)
-    for kind, results in best.items():
+    task = build_task(args, info)
+    run_training(args, info, task)
+    for kind, results in task.state["best"].items():
         _logger.info("best %s top-1 %.2f%% (top-5 %.2f%%) at epoch %d", kind, results["acc1"], results["acc5"],
                      results["epoch"])
-    tensorboard.close()
-    return best
+    return task.state["best"]
 
 
 EVAL_SETTINGS_FROM_CHECKPOINT = ("model", "input_size", "crop_pct")
@@ -424,22 +375,12 @@ def demo_arguments() -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
     args = parse_and_validate(parser, argv, TRAINING_CHECKS + FINETUNE_CHECKS, demo_argv=demo_arguments())
-    info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
-    hardware_choices = resolve_hardware_defaults(args, info.device)
-    with cli_errors(parser):
-        if info.is_main and not args.eval:
-            check_output_folders(args)
-        setup_logging(info.rank, None if args.eval else Path(args.output_dir) / "train.log")
-        if args.demo:
-            start = (f"from {args.finetune}" if args.finetune else
-                     f"from random initialisation (run `python pretrain.py` first to start from its "
-                     f"{DEMO_PRETRAINED})")
-            _logger.info("No --data_path: demonstration run on embedded photos with %s as defaults (flags override "
-                         "it) %s, writing to %s", DEMO_CONFIG.name, start, args.output_dir)
-        for note in args.notes:
-            _logger.info("%s", note)
-        _logger.info("chosen for this machine: %s", ", ".join(hardware_choices) or "nothing (all given)")
-        return evaluate_checkpoint(args, info) if args.eval else finetune(args, info)
+    intro = None
+    if args.demo:
+        intro = (f"starting from {args.finetune}" if args.finetune else
+                 f"starting from random initialisation (run `python pretrain.py` first to start from its "
+                 f"{DEMO_PRETRAINED})")
+    return launch(parser, args, lambda info: (evaluate_checkpoint if args.eval else finetune)(args, info), intro)
 
 
 if __name__ == "__main__":

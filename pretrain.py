@@ -8,13 +8,15 @@
 
 Effective batch = batch_size * update_freq * world_size (the recipe uses 4096); the lr is
 blr * effective batch / 256 unless --lr is given. Rerunning the same command resumes from the
-newest valid checkpoint in --output_dir (--auto_resume, on by default).
+newest valid checkpoint in --output_dir (--auto_resume, on by default), mid-epoch ones included.
+SIGTERM / SIGUSR1 checkpoint at the next optimizer update and exit with code 3 (engine.runner).
 
 Writes to --output_dir (rank 0 only): config.yaml, train.log, metrics.jsonl (one JSON object per
-epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), encoder.safetensors (encoder weights
-with timm names, for finetune.py or timm), reconstruction.png (python -m fcmae.visualize redraws it
-from any checkpoint), and TensorBoard events
-(--log_dir, default <output_dir>/tensorboard).
+epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num) and checkpoint-<epoch>-<updates>.pth
+inside epochs (--save_ckpt_steps / --save_ckpt_minutes), encoder.safetensors (encoder weights
+with timm names, for finetune.py or timm) and reconstruction.png (python -m fcmae.visualize redraws it
+from any checkpoint) with each epoch checkpoint, and
+TensorBoard events (--log_dir, default <output_dir>/tensorboard).
 """
 from __future__ import annotations
 
@@ -27,19 +29,16 @@ from typing import Optional, Sequence
 import torch
 
 import fcmae
-from engine.checkpoint import find_resume_checkpoint, restore_training_state, save_checkpoint, save_safetensors
-from engine.cli import cli_errors, parse_and_validate
-from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
-                           TrainingArgumentParser, add_training_arguments, check_output_folders, config_dict,
-                           resolve_hardware_defaults, save_config)
-from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, build_loader, pretrain_transform
-from engine.distributed import (DistributedInfo, all_reduce_mean, check_replicas_identical,
-                                get_world_size, init_distributed, wrap_ddp)
-from engine.logging import MetricsLog, TensorBoardWriter, setup_logging
-from engine.loop import GradientStepper, Step, train_one_epoch, updates_per_epoch
-from engine.optim import build_adamw, effective_batch_size, scaled_lr
-from engine.schedule import build_lr_scheduler
-from engine.seeding import capture_rng_state, configure_determinism, derive_seed, generator, seed_everything
+from engine.checkpoint import save_safetensors
+from engine.cli import parse_and_validate
+from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, OfficialFlag, TRAINING_CHECKS,
+                           TrainingArgumentParser, add_training_arguments)
+from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, pretrain_transform
+from engine.distributed import DistributedInfo
+from engine.logging import TensorBoardWriter
+from engine.loop import Step
+from engine.runner import Task, launch, run_training
+from engine.seeding import derive_seed, generator
 from fcmae.visualize import fixed_visual_batch, save_png, visualize_reconstructions
 from models import BACKENDS, encoder_export_state
 
@@ -93,7 +92,7 @@ PRETRAIN_CHECKS = (
 def build_dataset(args: argparse.Namespace):
     """ImageNet-style folder under --data_path, or the embedded photos (announced in the log)."""
     if args.data_path is not None:
-        dataset = build_image_folder(args.data_path, "train", pretrain_transform(args.input_size))
+        dataset = build_image_folder(args.data_path, "train", pretrain_transform(args.input_size, args.fast_decode))
         _logger.info("data: %d images in %d classes under %s", len(dataset), len(dataset.classes), dataset.root)
         return dataset
     _logger.info("No --data_path given: demo run on %d embedded scikit-image photos (%s), %d random %d-px crops "
@@ -103,152 +102,55 @@ def build_dataset(args: argparse.Namespace):
 
 
 def make_loss_fn(args: argparse.Namespace, rank: int, device: torch.device):
-    """FCMAE loss on a micro-batch; the mask is seeded by (seed, epoch, iteration, rank)."""
+    """FCMAE loss on a micro-batch; the mask is drawn on ``device``, seeded by (seed, epoch, iteration, rank)."""
 
     def fcmae_loss(model, batch, step: Step):
         images = batch[0].to(device, non_blocking=True)
         num_cells = (images.shape[2] // 32) * (images.shape[3] // 32)
-        mask_rng = generator(derive_seed(args.seed, step.epoch, step.iteration, rank))
+        mask_rng = generator(derive_seed(args.seed, step.epoch, step.iteration, rank), device)
         mask = fcmae.random_masking(images.shape[0], num_cells, args.mask_ratio, generator=mask_rng, device=device)
-        loss, _, _ = model(images, mask)
+        loss, _, _ = model(images, mask, check_mask=False)  # drawn as the model draws it: not read
         return loss, {}
 
     return fcmae_loss
 
 
-def resume(args, model, optimizer, stepper, info: DistributedInfo) -> int:
-    """Load --resume, or the newest valid checkpoint with --auto_resume; returns epochs completed."""
-    found = find_resume_checkpoint(args, info)
-    if found is None:
-        return 0
-    path, state = found
-    saved_model = state.get("config", {}).get("model")
-    if saved_model is not None and saved_model != args.model:
-        raise ConfigError(f"--model {args.model}: checkpoint {path} holds a {saved_model}; "
-                          f"use --model {saved_model} or another --output_dir")
-    restore_training_state(path, state, model, optimizer, stepper, args.num_workers, info.world_size)
-    return int(state["epoch"])
+def make_export(args: argparse.Namespace, visuals: tuple[torch.Tensor, torch.Tensor]):
+    """With each epoch checkpoint: the encoder (timm names) and the reconstruction grid."""
 
-
-def save_outputs(args, model, optimizer, stepper, epochs_done: int, visuals, tensorboard) -> None:
-    """Checkpoint, encoder export and reconstruction grid (rank 0 only)."""
-    output_dir = Path(args.output_dir)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stepper": stepper.state_dict(),
-             "epoch": epochs_done, "config": config_dict(args), "rng": capture_rng_state(),
-             "world_size": get_world_size()}
-    path = save_checkpoint(state, output_dir, epochs_done, args.save_ckpt_num)
-    save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
-                     {"model_name": args.model, "format": "timm", "epochs": str(epochs_done)})
-    grid = visualize_reconstructions(model, *visuals)
-    save_png(grid, output_dir / "reconstruction.png")
-    tensorboard.image("reconstruction", grid, epochs_done)
-    tensorboard.flush()
-    _logger.info("saved %s, %s and reconstruction.png", path.name, ENCODER_EXPORT)
-
-
-def build_training(args: argparse.Namespace, info: DistributedInfo, lr: float):
-    """(model, train_model, optimizer, stepper): ``model`` is the plain FCMAE whose state is saved,
-    ``train_model`` the one trained (DDP / torch.compile wrapped when asked for)."""
-    seed_everything(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim, args.decoder_depth,
-                              args.norm_pix_loss, grad_checkpointing=args.grad_checkpointing).to(info.device)
-    optimizer = build_adamw(model, lr, args.weight_decay, ADAMW_BETAS)
-    train_model = wrap_ddp(model, info.device)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    stepper = GradientStepper(train_model, optimizer, args.amp, args.update_freq, args.clip_grad)
-    return model, train_model, optimizer, stepper
-
-
-def count_unreadable(dataset, device: torch.device) -> int:
-    """Unreadable files found so far, summed over ranks."""
-    local = torch.tensor(float(getattr(dataset, "unreadable_count", 0)), device=device)
-    return round(all_reduce_mean(local).item() * get_world_size())
-
-
-def report_replicas(model, info: DistributedInfo) -> None:
-    """Log whether every rank ended with the same weights (they must, under DDP)."""
-    identical, checksums = check_replicas_identical(model.state_dict())
-    if identical:
-        _logger.info("weights identical on all %d ranks (sha256 %s)", info.world_size, checksums[0][:16])
-    else:
-        _logger.error("weights DIFFER across ranks: %s", checksums)
-
-
-def pretrain(args: argparse.Namespace, info: DistributedInfo) -> dict:
-    """Train until --epochs; returns the last epoch's metrics (empty if nothing was left to train)."""
-    output_dir = Path(args.output_dir)
-    configure_determinism(info.device)
-    dataset = build_dataset(args)
-    loader = build_loader(dataset, args.batch_size, args.num_workers, args.seed, info.rank, info.world_size,
-                          info.device)
-    updates = updates_per_epoch(len(loader), args.update_freq)
-    if updates < 1:
-        raise ConfigError(f"--batch_size {args.batch_size} / --update_freq {args.update_freq}: each process gets "
-                          f"{len(dataset) // info.world_size} images, fewer than one optimizer update "
-                          f"(batch_size * update_freq = {args.batch_size * args.update_freq}); lower them")
-    effective_batch = effective_batch_size(args.batch_size, args.update_freq, info.world_size)
-    blr = args.blr if args.blr is not None else RECIPE_BLR
-    lr = args.lr if args.lr is not None else scaled_lr(blr, effective_batch)
-    model, train_model, optimizer, stepper = build_training(args, info, lr)
-    start_epoch = resume(args, model, optimizer, stepper, info)
-    scheduler = build_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, updates, args.min_lr)
-
-    _logger.info("%s (%s backend) on %s x %d: %d images/epoch, effective batch %d (%d x %d accumulation x %d), "
-                 "lr %.3g, %d epochs from epoch %d", args.model, args.backend, info.device, info.world_size,
-                 len(dataset), effective_batch, args.batch_size, args.update_freq, info.world_size, lr, args.epochs,
-                 start_epoch)
-    tensorboard = TensorBoardWriter((args.log_dir or output_dir / "tensorboard") if info.is_main else None)
-    metrics_log = MetricsLog(output_dir / "metrics.jsonl" if info.is_main else None)
-    visuals = (fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device)
-               if info.is_main else None)  # python -m fcmae.visualize redraws it from a checkpoint
-    if info.is_main:
-        save_config(args, output_dir / "config.yaml", {
-            "world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
-            "lr": lr, "updates_per_epoch": updates})
-
-    loss_fn = make_loss_fn(args, info.rank, info.device)
-    stats: dict = {}
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(derive_seed(args.seed, epoch, info.rank))  # augmentations depend on the epoch only
-        stats = train_one_epoch(train_model, loader, loss_fn, stepper, scheduler, epoch, args.epochs,
-                                args.print_freq, tensorboard)
-        stats["unreadable_images"] = count_unreadable(dataset, info.device)
-        epochs_done = epoch + 1
-        _logger.info("epoch %d/%d done: loss %.4f, lr %.3g, %.1f img/s, %.0f s%s", epochs_done, args.epochs,
-                     stats["loss"], stats["lr"], stats["images_per_s"], stats["epoch_time_s"],
-                     f", {stats['unreadable_images']} unreadable images skipped" if stats["unreadable_images"] else "")
-        metrics_log.append({"epoch": epochs_done, **stats})
-        tensorboard.scalars({name: stats[name] for name in ("loss", "lr", "images_per_s")}, epochs_done, "epoch/")
-        if info.is_main and (epochs_done % args.save_ckpt_freq == 0 or epochs_done == args.epochs):
-            save_outputs(args, model, optimizer, stepper, epochs_done, visuals, tensorboard)
-    if start_epoch >= args.epochs:
-        _logger.info("nothing left to train: %d of %d epochs done", start_epoch, args.epochs)
-    if info.is_main and not (output_dir / ENCODER_EXPORT).exists():
+    def export(model, epochs_done: int, tensorboard: TensorBoardWriter) -> None:
+        output_dir = Path(args.output_dir)
         save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
-                         {"model_name": args.model, "format": "timm", "epochs": str(start_epoch)})
-    if info.world_size > 1:
-        report_replicas(model, info)
-    tensorboard.close()
-    return stats
+                         {"model_name": args.model, "format": "timm", "epochs": str(epochs_done)})
+        grid = visualize_reconstructions(model, *visuals)
+        save_png(grid, output_dir / "reconstruction.png")
+        tensorboard.image("reconstruction", grid, epochs_done)
+        tensorboard.flush()
+        _logger.info("saved %s and reconstruction.png", ENCODER_EXPORT)
+
+    return export
+
+
+def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
+    dataset = build_dataset(args)
+    return Task(
+        train_set=dataset,
+        build_model=lambda: fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim,
+                                              args.decoder_depth, args.norm_pix_loss,
+                                              grad_checkpointing=args.grad_checkpointing),
+        loss_fn=make_loss_fn(args, info.rank, info.device),
+        recipe_blr=RECIPE_BLR,
+        adamw_betas=ADAMW_BETAS,
+        description=f"{args.model} ({args.backend} backend)",
+        export=make_export(args, fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device))
+        if info.is_main else None,  # python -m fcmae.visualize redraws the same picture from a checkpoint
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
     args = parse_and_validate(parser, argv, TRAINING_CHECKS + PRETRAIN_CHECKS, demo_argv=["--config", str(DEMO_CONFIG)])
-    info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
-    hardware_choices = resolve_hardware_defaults(args, info.device)
-    with cli_errors(parser):
-        if info.is_main:
-            check_output_folders(args)
-        setup_logging(info.rank, Path(args.output_dir) / "train.log")
-        if args.demo:
-            _logger.info("No --data_path: demonstration run on embedded photos with %s as defaults (flags override "
-                         "it), writing to %s", DEMO_CONFIG.name, args.output_dir)
-        for note in args.notes:
-            _logger.info("%s", note)
-        _logger.info("chosen for this machine: %s", ", ".join(hardware_choices) or "nothing (all given)")
-        return pretrain(args, info)
+    return launch(parser, args, lambda info: run_training(args, info, build_task(args, info)))
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count  # noqa: E402
 
 import models  # noqa: E402  (first: installs the torchvision guard before timm is imported)
+from engine.flops import flop_counter  # noqa: E402
 from engine.optim import build_adamw  # noqa: E402
 from fcmae import build_fcmae, random_masking  # noqa: E402
 from models import check_model_name, create_dense_model  # noqa: E402
@@ -116,22 +116,6 @@ def resolve_backends_and_device(parser: argparse.ArgumentParser, args: argparse.
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
-
-
-def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                       _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
-    """FLOPs of ``aten.convolution_backward``, right for grouped convs too.
-
-    Each gradient (input, weight) costs as many multiply-adds as the forward conv. torch's
-    own formula counts a grouped conv's weight gradient as if it were ungrouped, ``groups``
-    times too many (320x for atto's last depthwise convs), which would swamp every step count.
-    """
-    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def flop_counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop})
 
 
 class TrainingStep:

@@ -3,12 +3,18 @@
 * ``config``       argparse + YAML defaults (``--config``), shared flags, table-driven validation,
                    resolved-configuration dump.
 * ``distributed``  torchrun process group (NCCL on GPU, gloo on CPU), rank helpers, device choice.
-* ``seeding``      derived seeds, per-epoch reseeding, RNG state capture/restore.
-* ``checkpoint``   atomic files, keep-last-N, latest valid checkpoint, safetensors export.
+* ``seeding``      derived seeds, reseeding every RNG per micro-batch.
+* ``checkpoint``   atomic files, epoch and mid-epoch checkpoints, keep-last-N, latest valid one,
+                   safetensors export.
 * ``logging``      progress lines, TensorBoard, JSON-lines metrics.
 * ``schedule``     per-update lr: linear warmup then half-cosine to ``min_lr``.
 * ``optim``        AdamW without weight decay on norms, biases, GRN and ``no_weight_decay()`` names.
-* ``loop``         ``train_one_epoch`` with a caller-supplied loss; AMP, accumulation, clipping.
+* ``loop``         ``train_one_epoch`` with a caller-supplied loss; AMP, accumulation, clipping,
+                   device-side metrics read only at log points.
+* ``ema``          EMA of the weights, updated after each optimizer update.
+* ``flops``        FLOPs of a step, GPU peak table, model FLOP utilisation.
+* ``signals``      SIGTERM/SIGUSR1 -> checkpoint at the next update boundary -> exit 3.
+* ``runner``       ``run_training(args, info, task)``: the training skeleton both CLIs share.
 * ``data``         ImageFolder that skips unreadable files, embedded photos, distributed loader.
 * ``cli``          parse + validate, and exit codes for faults (2: configuration, 1: the run).
 

@@ -4,11 +4,14 @@
   which is flushed, fsynced and renamed over ``path`` (then the folder is fsynced): a reader sees
   the old file or the new one, never half of one. A failed write (disk full, read-only folder)
   removes the temporary file and raises ``OutputWriteError`` naming the file.
-* ``save_checkpoint(state, output_dir, epoch, keep_last)`` -> ``<output_dir>/checkpoint-<epoch>.pth``
-  (``epoch`` = epochs completed), then keeps it and the newest ``keep_last - 1`` checkpoints of
-  earlier epochs (files of later epochs, e.g. from another run, are never deleted) and removes
-  temporary files that a process killed while saving left behind.
-* ``checkpoint_paths(output_dir)``: checkpoint files, oldest first.
+* ``save_checkpoint(state, output_dir, epoch, keep_last, updates=0)`` ->
+  ``<output_dir>/checkpoint-<epoch>.pth`` (``epoch`` = epochs completed) or, inside an epoch,
+  ``checkpoint-<epoch>-<updates>.pth`` (``updates`` optimizer updates into the next epoch). It then
+  keeps the newest ``keep_last`` epoch checkpoints up to this one, removes every earlier mid-epoch
+  one (they only serve resuming; a newer checkpoint supersedes them), never touches later files
+  (e.g. from another run), and removes temporary files a process killed while saving left behind.
+* ``checkpoint_paths(output_dir)``: checkpoint files, oldest first (by epoch, then updates).
+* ``describe_progress(epochs, iterations)``: "2 epochs completed", "1 epoch and 40 iterations completed".
 * ``load_checkpoint(path)``: ``torch.load(weights_only=True)`` on CPU; ``CheckpointError`` if the
   file is unreadable or lacks ``required_keys``.
 * ``latest_valid_checkpoint(output_dir)`` -> (path, state) | None: the newest loadable one; each
@@ -17,11 +20,11 @@
 * ``find_resume_checkpoint(args, info)`` -> (path, state) | None: ``--resume``, else with
   ``--auto_resume`` the newest valid checkpoint in ``--output_dir`` (the same file on every rank).
 * ``restore_training_state(path, state, model, optimizer, stepper, num_workers, world_size)``:
-  weights, optimizer, stepper and RNG back in place; a resumed run continues bitwise only with the
-  original ``--num_workers`` and world size, so ``warn_if_run_layout_differs`` names what differs.
+  weights, optimizer and stepper back in place (no RNG state: the training loop reseeds every RNG
+  per micro-batch); a resumed run continues bitwise only with the original ``--num_workers`` and
+  world size, so ``warn_if_run_layout_differs`` names what differs.
 
-State is plain data (tensors, numbers, strings, lists, dicts) so nothing in a file can run code;
-``seeding.capture_rng_state`` provides the RNG part in that form.
+State is plain data (tensors, numbers, strings, lists, dicts) so nothing in a file can run code.
 """
 from __future__ import annotations
 
@@ -36,11 +39,10 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from engine.distributed import broadcast_object
-from engine.seeding import restore_rng_state
 
 _logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pth$")
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?\.pth$")
 REQUIRED_KEYS = ("model", "epoch")
 TRAINING_KEYS = (*REQUIRED_KEYS, "optimizer")  # what resuming a training run reads
 
@@ -95,29 +97,45 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) 
     return path
 
 
+def checkpoint_name(epoch: int, updates: int = 0) -> str:
+    return f"checkpoint-{epoch}-{updates}.pth" if updates else f"checkpoint-{epoch}.pth"
+
+
+def _position(path: Path) -> tuple[int, int]:
+    """(epochs completed, updates into the next epoch) of a checkpoint file name."""
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
 def checkpoint_paths(output_dir: str | os.PathLike) -> list[Path]:
-    """``checkpoint-<epoch>.pth`` files in ``output_dir``, oldest (smallest epoch) first."""
+    """Checkpoint files in ``output_dir``, oldest (fewest epochs, then updates) first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(match.group(1)), path) for path in output_dir.iterdir()
-             if (match := CHECKPOINT_PATTERN.match(path.name))]
-    return [path for _, path in sorted(found)]
+    return sorted((path for path in output_dir.iterdir() if CHECKPOINT_PATTERN.match(path.name)), key=_position)
 
 
-def save_checkpoint(state: Mapping[str, Any], output_dir: str | os.PathLike, epoch: int, keep_last: int) -> Path:
-    """Atomically write ``checkpoint-<epoch>.pth``; keep it and the newest ``keep_last - 1`` earlier ones."""
-    path = atomic_write(Path(output_dir) / f"checkpoint-{epoch}.pth", lambda file: torch.save(dict(state), file))
-    earlier = [old for old in checkpoint_paths(output_dir) if _epoch_of(old) < epoch]
-    for old in earlier[:max(len(earlier) - (keep_last - 1), 0)]:
-        old.unlink(missing_ok=True)
+def save_checkpoint(state: Mapping[str, Any], output_dir: str | os.PathLike, epoch: int, keep_last: int,
+                    updates: int = 0) -> Path:
+    """Atomically write the checkpoint of (``epoch``, ``updates``); prune as the module docstring says."""
+    path = atomic_write(Path(output_dir) / checkpoint_name(epoch, updates), lambda file: torch.save(dict(state), file))
+    earlier = [old for old in checkpoint_paths(output_dir) if _position(old) < (epoch, updates)]
+    earlier_epochs = [old for old in earlier if _position(old)[1] == 0]
+    kept_epochs = earlier_epochs[max(len(earlier_epochs) - (keep_last - 1 if updates == 0 else keep_last), 0):]
+    for old in earlier:
+        if old not in kept_epochs:
+            old.unlink(missing_ok=True)
     for orphan in Path(output_dir).glob(".checkpoint-*.pth.*.tmp"):  # from a process killed mid-save
         orphan.unlink(missing_ok=True)
     return path
 
 
-def _epoch_of(path: Path) -> int:
-    return int(CHECKPOINT_PATTERN.match(path.name).group(1))
+def describe_progress(epochs: int, iterations: int = 0) -> str:
+    """``2 epochs completed`` / ``1 epoch and 40 iterations completed``."""
+    text = f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    if iterations:
+        text += f" and {iterations} iteration{'' if iterations == 1 else 's'}"
+    return f"{text} completed"
 
 
 def load_checkpoint(path: str | os.PathLike, required_keys: Iterable[str] = REQUIRED_KEYS) -> dict[str, Any]:
@@ -196,6 +214,4 @@ def restore_training_state(path: str, state: Mapping[str, Any], model: torch.nn.
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     stepper.load_state_dict(state.get("stepper", {}))
-    if "rng" in state:
-        restore_rng_state(state["rng"])
-    _logger.info("resumed from %s (%d epochs completed)", path, state["epoch"])
+    _logger.info("resumed from %s (%s)", path, describe_progress(state["epoch"], state.get("iteration", 0)))

@@ -217,7 +217,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--auto_resume", action=BooleanFlag, default=True,
                      help="resume from the latest valid checkpoint in --output_dir")
     run.add_argument("--save_ckpt_freq", type=int, default=20, help="save a checkpoint every N epochs")
-    run.add_argument("--save_ckpt_num", type=int, default=3, help="keep the last N checkpoints")
+    run.add_argument("--save_ckpt_steps", type=int, default=None,
+                     help="also checkpoint every N optimizer updates inside epochs (for resuming only)")
+    run.add_argument("--save_ckpt_minutes", type=float, default=None,
+                     help="also checkpoint when M minutes passed since the last checkpoint (at an update)")
+    run.add_argument("--save_ckpt_num", type=int, default=3,
+                     help="keep the last N epoch checkpoints (a mid-epoch one is removed once a newer one exists)")
     run.add_argument("--print_freq", type=int, default=20, help="progress line every N iterations")
     run.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation, masks")
     run.add_argument("--device", type=str, default=None,
@@ -489,6 +494,10 @@ TRAINING_CHECKS: tuple[Check, ...] = (
           "no such checkpoint file; give a checkpoint-<epoch>.pth path or use --auto_resume"),
     Check("--save_ckpt_freq", lambda a: a.save_ckpt_freq >= 1, "must be >= 1 (epochs between checkpoints)"),
     Check("--save_ckpt_num", lambda a: a.save_ckpt_num >= 1, "must be >= 1 (checkpoints kept)"),
+    Check("--save_ckpt_steps", lambda a: a.save_ckpt_steps is None or a.save_ckpt_steps >= 1,
+          "must be >= 1 (optimizer updates between mid-epoch checkpoints), or leave it out"),
+    Check("--save_ckpt_minutes", lambda a: a.save_ckpt_minutes is None or a.save_ckpt_minutes > 0,
+          "must be > 0 (minutes between checkpoints, e.g. 30), or leave it out"),
     Check("--print_freq", lambda a: a.print_freq >= 1, "must be >= 1 (iterations between progress lines)"),
     Check("--seed", lambda a: a.seed >= 0, "must be >= 0"),
     Check("--device", _valid_device, _DEVICE_FIX),

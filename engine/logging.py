@@ -1,11 +1,14 @@
 """Seeing a run: console progress lines, TensorBoard, a JSON-lines log of epoch metrics.
 
 * ``setup_logging(rank, log_file=None)``: the root logger prints ``HH:MM:SS message`` lines; rank 0
-  at INFO (also appended to ``log_file``), other ranks only warnings and errors.
-* ``ProgressMeter(epoch, epochs, iterations, print_freq, world_size)``: ``update(...)`` after each
-  iteration; every ``print_freq`` iterations (and the last) logs
-  ``epoch 3/10 [ 20/100]  loss 0.8123 (0.8301)  lr 1.20e-04  112.3 img/s  eta 0:02:13 (run 1:10:00)``
-  (loss now and epoch mean, images/s over all ranks); ``summary()`` gives the epoch's means.
+  at INFO (also appended to ``log_file``), other ranks only warnings and errors. Without
+  ``log_file``, rank 0 keeps its records until ``start_log_file(path)``, which writes them first:
+  a run can log while it sets up and create ``train.log`` only once the setup succeeded.
+* ``ProgressMeter(epoch, epochs, iterations, world_size, start_iteration)``: timing, images and the
+  periodic progress line
+  ``epoch 3/10 [ 20/100]  loss 0.8123 (0.8301)  lr 1.20e-04  grad_norm 0.53  112.3 img/s  MFU 41.2%  eta 0:02:13 (run 1:10:00)``
+  (loss over the iterations since the last line and epoch mean; images/s over all ranks since
+  the last line; MFU only where it is known); ``images_per_second`` / ``elapsed`` for the epoch.
 * ``TensorBoardWriter(log_dir)``: scalars and images; a no-op when ``log_dir`` is None (other ranks).
 * ``MetricsLog(path)``: appends one JSON object per line (one per epoch); None path = no-op;
   a failed write raises ``engine.checkpoint.OutputWriteError``.
@@ -28,6 +31,25 @@ from .checkpoint import OutputWriteError
 
 _logger = logging.getLogger(__name__)
 _HANDLER_MARK = "_engine_handler"
+PENDING_RECORDS_MAX = 10_000  # records kept for train.log before it is opened (setup logs a few dozen)
+
+
+class _PendingRecords(logging.Handler):
+    """Keeps records until ``start_log_file`` writes them to the log file."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < PENDING_RECORDS_MAX:
+            self.records.append(record)
+
+
+def _add_handler(handler: logging.Handler) -> None:
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    setattr(handler, _HANDLER_MARK, True)
+    logging.getLogger().addHandler(handler)
 
 
 def setup_logging(rank: int = 0, log_file: Optional[str | os.PathLike] = None) -> None:
@@ -36,16 +58,27 @@ def setup_logging(rank: int = 0, log_file: Optional[str | os.PathLike] = None) -
     for handler in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
         root.removeHandler(handler)
         handler.close()
-    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if log_file is not None and rank == 0:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        setattr(handler, _HANDLER_MARK, True)
-        root.addHandler(handler)
+    _add_handler(logging.StreamHandler(sys.stdout))
+    if rank == 0:
+        _add_handler(_PendingRecords())
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if log_file is not None and rank == 0:
+        start_log_file(log_file)
+
+
+def start_log_file(log_file: str | os.PathLike) -> None:
+    """Append this process's log to ``log_file`` from now on, starting with the records kept since
+    ``setup_logging``; a no-op on processes that log no file (ranks other than 0)."""
+    root = logging.getLogger()
+    pending = next((h for h in root.handlers if isinstance(h, _PendingRecords)), None)
+    if pending is None:
+        return
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(log_file)
+    _add_handler(file_handler)
+    root.removeHandler(pending)
+    for record in pending.records:
+        file_handler.handle(record)
 
 
 def format_duration(seconds: float) -> str:
@@ -55,49 +88,51 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressMeter:
-    """Running means over one epoch and the periodic progress line (see module docstring)."""
+    """Timing, images and the progress line of one epoch (see module docstring).
 
-    def __init__(self, epoch: int, epochs: int, iterations: int, print_freq: int, world_size: int = 1):
+    ``start_iteration``: where a resumed epoch starts; rates and the ETA count from there."""
+
+    def __init__(self, epoch: int, epochs: int, iterations: int, world_size: int = 1, start_iteration: int = 0):
         self.epoch, self.epochs, self.iterations = epoch, epochs, iterations
-        self.print_freq, self.world_size = print_freq, world_size
-        self.sums: dict[str, float] = {}
-        self.count = 0
+        self.world_size, self.start_iteration = world_size, start_iteration
         self.images = 0
-        self.lr = float("nan")
-        self.start = time.perf_counter()
+        self.start = self.last_line_time = time.perf_counter()
+        self.last_line_images = 0
 
-    def update(self, iteration: int, loss: float, lr: float, batch_size: int, **metrics: float) -> Optional[str]:
-        """Record iteration ``iteration`` (0-based); returns the progress line when one is logged."""
-        for name, value in {"loss": loss, **metrics}.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
-        self.count += 1
+    def add_images(self, batch_size: int) -> None:
+        """Count one micro-batch of ``batch_size`` images on this rank (all ranks: times world size)."""
         self.images += batch_size * self.world_size
-        self.lr = lr
-        done = iteration + 1
-        if done % self.print_freq and done != self.iterations:
-            return None
-        elapsed = time.perf_counter() - self.start
-        per_iteration = elapsed / done
-        epoch_eta = per_iteration * (self.iterations - done)
-        run_eta = epoch_eta + per_iteration * self.iterations * (self.epochs - self.epoch - 1)
-        width = len(str(self.iterations))
-        extras = "".join(f"  {name} {value:.4g}" for name, value in metrics.items())
-        line = (f"epoch {self.epoch + 1}/{self.epochs} [{done:>{width}}/{self.iterations}]"
-                f"  loss {loss:.4f} ({self.sums['loss'] / self.count:.4f})  lr {lr:.2e}{extras}"
-                f"  {self.images / max(elapsed, 1e-9):.1f} img/s"
-                f"  eta {format_duration(epoch_eta)} (run {format_duration(run_eta)})")
-        _logger.info(line)
-        return line
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
     @property
     def images_per_second(self) -> float:
-        return self.images / max(time.perf_counter() - self.start, 1e-9)
+        """Images per second over all ranks since the epoch (or its resumed part) began."""
+        return self.images / max(self.elapsed, 1e-9)
 
-    def summary(self) -> dict[str, float]:
-        """Epoch means of the loss and metrics, the last lr, throughput and duration."""
-        means = {name: total / max(self.count, 1) for name, total in self.sums.items()}
-        return {**means, "lr": self.lr, "images_per_s": self.images_per_second,
-                "epoch_time_s": time.perf_counter() - self.start}
+    def interval_images_per_second(self) -> float:
+        """Images per second over all ranks since the last progress line; starts a new interval."""
+        now = time.perf_counter()
+        rate = (self.images - self.last_line_images) / max(now - self.last_line_time, 1e-9)
+        self.last_line_time, self.last_line_images = now, self.images
+        return rate
+
+    def log_line(self, done: int, loss: float, epoch_loss: float, lr: float, images_per_s: float,
+                 metrics: Optional[Mapping[str, float]] = None, mfu: Optional[float] = None) -> str:
+        """Log and return the progress line after ``done`` iterations of the epoch."""
+        per_iteration = self.elapsed / max(done - self.start_iteration, 1)
+        epoch_eta = per_iteration * (self.iterations - done)
+        run_eta = epoch_eta + per_iteration * self.iterations * (self.epochs - self.epoch - 1)
+        width = len(str(self.iterations))
+        extras = "".join(f"  {name} {value:.4g}" for name, value in (metrics or {}).items())
+        line = (f"epoch {self.epoch + 1}/{self.epochs} [{done:>{width}}/{self.iterations}]"
+                f"  loss {loss:.4f} ({epoch_loss:.4f})  lr {lr:.2e}{extras}  {images_per_s:.1f} img/s"
+                f"{f'  MFU {100 * mfu:.1f}%' if mfu is not None else ''}"
+                f"  eta {format_duration(epoch_eta)} (run {format_duration(run_eta)})")
+        _logger.info(line)
+        return line
 
 
 class TensorBoardWriter:

@@ -14,6 +14,8 @@ update index alone, a resumed run needs no scheduler state.
 """
 from __future__ import annotations
 
+import logging
+
 import models  # noqa: F401  (torchvision guard before timm)
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -31,13 +33,21 @@ def build_lr_scheduler(
         raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch}")
     warmup_updates = warmup_epochs * updates_per_epoch
     cosine_updates = max(1, (epochs - warmup_epochs) * updates_per_epoch)
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=cosine_updates,
-        lr_min=min_lr,
-        warmup_t=warmup_updates,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,  # the cosine starts after the warmup, as in MAE / ConvNeXt V2
-        cycle_limit=1,
-        t_in_epochs=False,
-    )
+    # timm warns that a 1-update cosine "will have no effect"; here that is the intended schedule
+    # (e.g. warmup over every epoch), so the warning would only mislead a run's log
+    timm_logger = logging.getLogger(CosineLRScheduler.__module__)
+    level = timm_logger.level
+    timm_logger.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(
+            optimizer,
+            t_initial=cosine_updates,
+            lr_min=min_lr,
+            warmup_t=warmup_updates,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,  # the cosine starts after the warmup, as in MAE / ConvNeXt V2
+            cycle_limit=1,
+            t_in_epochs=False,
+        )
+    finally:
+        timm_logger.setLevel(level)

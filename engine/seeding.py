@@ -3,18 +3,18 @@
 * ``derive_seed(seed, *indices)``: a 63-bit seed for e.g. (seed, epoch, rank) or
   (seed, epoch, iteration, rank); the same indices always give the same seed.
 * ``seed_everything(seed)``: python ``random``, numpy and torch (CPU and every CUDA device).
-  The training scripts call it at the start of every epoch with ``derive_seed(seed, epoch, rank)``,
-  so augmentations and DataLoader worker seeds depend only on the epoch.
-* ``generator(seed)``: a CPU ``torch.Generator`` (e.g. one per iteration for the FCMAE mask).
-* ``capture_rng_state()`` / ``restore_rng_state(state)``: every global RNG as tensors, ints and
-  floats, which ``torch.load(..., weights_only=True)`` accepts (no numpy arrays).
+  The training loop calls it before every micro-batch with ``derive_seed(seed, epoch, iteration,
+  rank)`` (and the runner before each epoch's loader with ``derive_seed(seed, epoch, rank)``), so
+  what a micro-batch draws depends only on where it is: a run resumed at any update boundary needs
+  no saved RNG state, and every rank's streams are its own.
+* ``generator(seed, device)``: a ``torch.Generator`` on ``device`` (e.g. one per iteration for the
+  FCMAE mask, drawn on the training device).
 * ``configure_determinism(device)``: deterministic algorithms on CPU, cuDNN autotuning on CUDA.
 """
 from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,34 +32,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU and CUDA RNG states in weights_only-loadable types."""
-    py_version, py_internal, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
-                   "gauss_next": py_gauss},
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``; CUDA states are restored when this machine has as many devices."""
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed)
 
 
 def configure_determinism(device: torch.device) -> None:

@@ -5,7 +5,6 @@
 * ``data``          train/val folders with the same classes, or the embedded photos.
 * ``transforms``    timm's training transform, the official evaluation resize / center crop.
 * ``mixup``         Mixup/CutMix soft targets and the matching loss.
-* ``ema``           EMA of the weights, updated after each optimizer update.
 * ``evaluate``      top-1 / top-5 / loss, exact under distributed evaluation.
 * ``features``      pooled embeddings and stage maps: Python API and ``python -m finetune.features``.
 * ``knn``           weighted k-NN classifier on features.

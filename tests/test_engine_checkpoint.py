@@ -1,14 +1,12 @@
-"""engine.checkpoint + engine.seeding: atomic files, keep-last-N, skipping corrupt files, RNG state."""
+"""engine.checkpoint + engine.seeding: atomic files, epoch and mid-epoch checkpoints, keep-last-N, corrupt files."""
 import logging
-import random
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from engine import checkpoint as ckpt
-from engine.seeding import capture_rng_state, derive_seed, restore_rng_state
+from engine.seeding import derive_seed
 
 
 def small_state(epoch: int) -> dict:
@@ -66,19 +64,25 @@ def test_checkpoint_without_required_keys_is_rejected(tmp_path):
     assert ckpt.latest_valid_checkpoint(tmp_path) is None
 
 
-def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    random.gauss(0, 1)  # leaves a cached gaussian in python's state
-    ckpt.save_checkpoint({"model": {}, "epoch": 1, "rng": capture_rng_state()}, tmp_path, 1, 1)
-    expected = (random.random(), np.random.rand(), torch.rand(2), random.gauss(0, 1))
+def test_mid_epoch_checkpoints_sort_between_epochs_and_are_pruned_once_superseded(tmp_path):
+    def save(epoch, updates=0):
+        ckpt.save_checkpoint({"model": {}, "epoch": epoch}, tmp_path, epoch, keep_last=2, updates=updates)
+        return [path.name for path in ckpt.checkpoint_paths(tmp_path)]
 
-    random.seed(99), np.random.seed(99), torch.manual_seed(99)
-    restore_rng_state(ckpt.load_checkpoint(tmp_path / "checkpoint-1.pth")["rng"])
-    actual = (random.random(), np.random.rand(), torch.rand(2), random.gauss(0, 1))
+    assert save(1) == ["checkpoint-1.pth"]
+    assert save(1, 5) == ["checkpoint-1.pth", "checkpoint-1-5.pth"]
+    assert save(1, 10) == ["checkpoint-1.pth", "checkpoint-1-10.pth"]  # the older mid-epoch one is gone
+    assert save(2) == ["checkpoint-1.pth", "checkpoint-2.pth"]
+    assert save(2, 5) == ["checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-2-5.pth"]  # 2 epoch ones kept
+    assert save(3) == ["checkpoint-2.pth", "checkpoint-3.pth"]
+    assert ckpt.latest_valid_checkpoint(tmp_path)[0].name == "checkpoint-3.pth"
 
-    assert actual[0] == expected[0] and actual[1] == expected[1] and actual[3] == expected[3]
-    assert torch.equal(actual[2], expected[2])
 
+def test_progress_is_described_in_words():
+    assert ckpt.describe_progress(1) == "1 epoch completed"
+    assert ckpt.describe_progress(2) == "2 epochs completed"
+    assert ckpt.describe_progress(0, 1) == "0 epochs and 1 iteration completed"
+    assert ckpt.describe_progress(1, 40) == "1 epoch and 40 iterations completed"
 
 def test_safetensors_export_is_readable_and_atomic(tmp_path):
     weights = {"stem.0.weight": torch.randn(4, 3, 4, 4), "head.norm.bias": torch.zeros(4)}

@@ -48,12 +48,12 @@ def test_run_writes_checkpoint_export_logs_config_and_picture(tiny_run):
     assert sorted(p.name for p in output.glob("checkpoint-*.pth")) == ["checkpoint-2.pth"]  # keeps 1
     state = load_checkpoint(output / "checkpoint-2.pth")
     assert state["epoch"] == 2 and state["config"]["model"] == "convnextv2_atto"
-    assert {"model", "optimizer", "stepper", "rng"} <= state.keys()
+    assert {"model", "optimizer", "stepper", "iteration"} <= state.keys() and state["iteration"] == 0
     epochs = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in epochs] == [1, 2]
-    assert all(0 < record["loss"] < 10 and record["images_per_s"] > 0 for record in epochs)
+    assert all(0 < record["loss"] < 10 and record["images_per_s"] > 0 and record["grad_norm"] > 0 for record in epochs)
     assert yaml.safe_load((output / "config.yaml").read_text())["input_size"] == 64
-    assert "epoch 2/2 [2/2]  loss" in (output / "train.log").read_text()
+    assert "epoch 2/2 [2/2]  loss" in (output / "train.log").read_text() and "  grad_norm " in (output / "train.log").read_text()
     assert (output / "reconstruction.png").stat().st_size > 0
     assert stats["loss"] == epochs[-1]["loss"]
     assert not list(output.glob(".*.tmp")), "temporary files left behind"
@@ -78,7 +78,8 @@ def test_tensorboard_has_loss_lr_throughput_scalars_and_reconstruction_image(tin
     output, _ = tiny_run
     events = EventAccumulator(str(output / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
     tags = events.Tags()
-    assert {"train/loss", "train/lr", "train/images_per_s", "epoch/loss", "epoch/lr"} <= set(tags["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "epoch/loss", "epoch/lr",
+            "epoch/grad_norm"} <= set(tags["scalars"])
     assert "reconstruction" in tags["images"]
     assert len(events.Scalars("train/loss")) == 4  # 2 epochs x 2 iterations, print_freq 1
     assert [event.step for event in events.Images("reconstruction")] == [1, 2]
@@ -116,7 +117,8 @@ def test_empty_data_folder_is_reported_as_a_data_path_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as caught:
         pretrain.main(tiny_args(tmp_path / "data", tmp_path / "out"))
     assert caught.value.code == 2
-    assert "--data_path" in capsys.readouterr().err and not list((tmp_path / "out").glob("checkpoint-*"))
+    assert "--data_path" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "a run that fails to start may leave nothing (not even train.log)"
 
 
 def test_dataset_of_only_unreadable_files_stops_with_clear_error(tmp_path, caplog):
@@ -145,6 +147,7 @@ def test_shipped_configs_are_valid(name):
         assert args.model == f"convnextv2_{name}" and args.blr == 1.5e-4 and args.warmup_epochs == 40
         assert args.batch_size * args.update_freq * 8 == 4096, "recipes assume 8 GPUs and effective batch 4096"
         assert args.epochs == (800 if name in ("large", "huge") else 1600)
+        assert (args.save_ckpt_freq, args.save_ckpt_minutes) == (1, 30), "a preempted run must not lose hours"
 
 
 def test_explicit_resume_file_is_used_instead_of_output_dir(tiny_run, tmp_path, caplog):

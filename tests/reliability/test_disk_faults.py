@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import engine.logging
+import engine.runner
 import pretrain
 from engine.checkpoint import load_checkpoint
 from finetune_helpers import load_finetune_script
@@ -42,7 +43,7 @@ def file_snapshot(path):
 def test_unwritable_folder_fails_at_start_naming_the_flag(cli, flag, pretrain_data, finetune_data, tmp_path,
                                                           monkeypatch, capsys):
     module = cli_module(cli)
-    monkeypatch.setattr(module, cli, lambda *args: pytest.fail("training started"))
+    monkeypatch.setattr(engine.runner, "train_one_epoch", lambda *args, **kwargs: pytest.fail("training started"))
     (tmp_path / "a_file").write_text("a file where a folder should be")
     unwritable = tmp_path / "a_file" / "out"
     output = unwritable if flag == "--output_dir" else tmp_path / "out"
@@ -85,7 +86,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one_and_resumes(
     caplog.clear()
     with caplog.at_level(logging.INFO):
         module.main(argv)  # space again
-    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epochs completed)" in caplog.text
+    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epoch completed)" in caplog.text
     assert load_checkpoint(output / "checkpoint-3.pth")["epoch"] == 3
 
 

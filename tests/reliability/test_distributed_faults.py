@@ -53,7 +53,7 @@ def test_killing_one_rank_ends_the_job_promptly_and_the_job_resumes(pretrain_dat
     rerun = start_script("pretrain.py", argv, tmp_path / "rerun.out", torchrun=2)
     finish(rerun, tmp_path / "rerun.out")
     log = (output / "train.log").read_text()
-    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epochs completed)" in log
+    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epoch completed)" in log
     assert "weights identical on all 2 ranks" in log
     assert load_checkpoint(output / "checkpoint-3.pth")["epoch"] == 3
 

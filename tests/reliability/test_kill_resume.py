@@ -48,7 +48,7 @@ def test_pretraining_killed_mid_epoch_resumes_to_the_uninterrupted_weights(pretr
 
     pretrain.main(pretrain_args(pretrain_data, output, workers=2))
 
-    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epochs completed)" in (output / "train.log").read_text()
+    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epoch completed)" in (output / "train.log").read_text()
     assert_same_training(output, straight_pretraining(), ("model", "optimizer", "stepper"))
 
 
@@ -69,7 +69,7 @@ def test_pretraining_killed_while_saving_resumes_from_the_previous_checkpoint(pr
 
     pretrain.main(pretrain_args(pretrain_data, output, workers=2))
 
-    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epochs completed)" in (output / "train.log").read_text()
+    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epoch completed)" in (output / "train.log").read_text()
     assert not list(output.glob(".checkpoint-*.tmp")), "the interrupted write's temporary file was left behind"
     assert_same_training(output, straight_pretraining(), ("model", "optimizer", "stepper"))
 
@@ -87,5 +87,5 @@ def test_finetuning_killed_mid_epoch_resumes_to_the_uninterrupted_weights(finetu
     load_finetune_script().main(finetune_args(finetune_data, output, workers=2))
     finish(straight, tmp_path / "straight.out")
 
-    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epochs completed)" in (output / "train.log").read_text()
+    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epoch completed)" in (output / "train.log").read_text()
     assert_same_training(output, straight_dir, ("model", "model_ema", "optimizer", "stepper", "best"))

@@ -67,7 +67,7 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoints_untouched_and_resumable(
     caplog.clear()
     with caplog.at_level(logging.INFO):
         module.main(argv)  # the fault is gone: the same command resumes
-    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epochs completed)" in caplog.text
+    assert f"resumed from {output / 'checkpoint-1.pth'} (1 epoch completed)" in caplog.text
     final = load_checkpoint(output / "checkpoint-2.pth")["model"]
     assert all(torch.isfinite(tensor).all() for tensor in final.values())
 
@@ -97,3 +97,19 @@ def test_fp16_overflow_is_counted_and_logged_not_fatal(pretrain_data, tmp_path, 
     assert state["stepper"]["skipped_updates"] == 1
     assert state["stepper"]["scaler"]["scale"] < 65536.0, "the scaler did not back off"
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
+
+
+def test_a_nan_between_log_points_is_caught_before_a_mid_epoch_checkpoint(pretrain_data, tmp_path, monkeypatch,
+                                                                          caplog):
+    """The loss is read only at log points; a checkpoint due earlier reads and checks it first."""
+    output = tmp_path / "out"
+    argv = pretrain_args(pretrain_data, output, "--print_freq", "100", "--save_ckpt_steps", "1", epochs=2)
+    snapshots = {}
+    monkeypatch.setattr(pretrain, "make_loss_fn", nan_injecting(pretrain.make_loss_fn, output, snapshots))
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exit_info:
+        pretrain.main(argv)
+    assert exit_info.value.code == 1
+    assert "loss is nan at epoch 1 iteration 2 (the first non-finite one of iterations 2-2" in caplog.text
+    assert "saved checkpoint-1-2.pth" in caplog.text  # the update before the NaN was checkpointed
+    assert sorted(path.name for path in output.glob("checkpoint-*.pth")) == ["checkpoint-1-2.pth", "checkpoint-1.pth"]
+    assert "epoch 2/2 [3/4]" not in caplog.text, "the NaN iteration was logged as if it were fine"

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
-from engine.loop import GradientStepper
+from .loop import GradientStepper
 
 
 def build_model_ema(model: nn.Module, decay: float) -> ModelEmaV3:
@@ -34,8 +34,8 @@ class EmaGradientStepper(GradientStepper):
         super().__init__(model, optimizer, **stepper_kwargs)
         self.ema, self.ema_source = ema, ema_source
 
-    def backward(self, loss: torch.Tensor, iteration: int) -> bool:
-        stepped = super().backward(loss, iteration)
-        if stepped and self.ema is not None:
+    def backward(self, loss: torch.Tensor, iteration: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        updated = super().backward(loss, iteration)
+        if updated is not None and self.ema is not None:
             self.ema.update(self.ema_source)
-        return stepped
+        return updated

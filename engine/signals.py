@@ -1,0 +1,85 @@
+"""Stopping a run cleanly when the scheduler asks: SIGTERM / SIGUSR1 -> checkpoint -> exit 3.
+
+Slurm (and most schedulers) send SIGTERM, or the signal chosen with ``--signal``, some time
+before they kill a job. While ``handle_stop_signals()`` is active, SIGTERM and SIGUSR1 only
+``request_stop``; the training loop sees ``stop_requested()`` at its next optimizer-update
+boundary, every rank agrees on it, rank 0 writes a complete checkpoint and the process exits
+with ``EXIT_STOPPED``. A second signal during the save changes nothing (the flag is already
+set; the checkpoint is written atomically either way).
+
+* ``EXIT_STOPPED``: the documented exit code of a run stopped on a signal after writing a
+  complete checkpoint (rerun the same command to resume).
+* ``EXIT_INTERRUPTED``: Ctrl-C (SIGINT), 128 + 2 as shells report it.
+* ``request_stop(reason)``: ask the run to stop at the next boundary; safe from signal handlers
+  and other threads (e.g. a submitit checkpoint hook). The first reason is kept.
+* ``stop_requested()`` / ``stop_reason()``.
+* ``handle_stop_signals()``: context that clears any earlier request, installs the handlers (main
+  thread only) and restores the previous ones on exit.
+* ``workers_ignore_stop_signals(loader)``: DataLoader workers ignore SIGTERM / SIGUSR1, which a
+  scheduler sends to the whole process group: PyTorch's workers would otherwise die at once and
+  take the main process down before it could checkpoint. They still end when the loader tells
+  them to (and with the main process).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import signal
+import threading
+from typing import Callable, Iterator, Optional
+
+EXIT_STOPPED: int = 3
+EXIT_INTERRUPTED: int = 130
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# A plain module attribute: assigning it is atomic under the GIL, so a signal handler or another
+# thread can set it without a lock (a lock taken in a handler could deadlock the main thread).
+_stop_reason: Optional[str] = None
+
+
+def request_stop(reason: str) -> None:
+    """Ask the running training to stop at its next update boundary, checkpoint and exit."""
+    global _stop_reason
+    if _stop_reason is None:
+        _stop_reason = reason
+
+
+def stop_requested() -> bool:
+    return _stop_reason is not None
+
+
+def stop_reason() -> Optional[str]:
+    return _stop_reason
+
+
+def _on_signal(signum: int, _frame) -> None:
+    request_stop(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def handle_stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGUSR1 call ``request_stop`` while inside; no-op outside the main thread."""
+    global _stop_reason
+    _stop_reason = None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _ignore_stop_signals(worker_init_fn: Optional[Callable[[int], None]], worker_id: int) -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def workers_ignore_stop_signals(loader) -> None:
+    """Make ``loader``'s worker processes (started later) ignore the stop signals; its own
+    ``worker_init_fn`` still runs after that."""
+    loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
