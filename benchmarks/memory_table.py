@@ -23,11 +23,13 @@ parameter more, unless ``gradient_as_bucket_view``).
     python -m benchmarks.memory_table                      # all sizes, ~2 minutes on 1 CPU
     python -m benchmarks.memory_table --output docs/memory_table.md
     python -m benchmarks.memory_table --models atto tiny --verify-models atto
+    python -m benchmarks.memory_table --models atto --verify-models --time-checkpointing
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,9 +78,9 @@ def saved_activation_bytes(step: Callable[[], torch.Tensor], parameters: Iterabl
     return sum(storages.values())
 
 
-def build_model(task: str, model_name: str, grad_checkpointing: bool) -> torch.nn.Module:
+def build_model(task: str, model_name: str, grad_checkpointing: bool, backend: str = "sparse") -> torch.nn.Module:
     if task == "pretrain":
-        return build_fcmae(model_name, mask_ratio=MASK_RATIO, grad_checkpointing=grad_checkpointing)
+        return build_fcmae(model_name, backend, MASK_RATIO, grad_checkpointing=grad_checkpointing)
     return build_finetune_model(model_name, NUM_CLASSES, grad_checkpointing=grad_checkpointing)
 
 
@@ -90,10 +92,11 @@ def training_loss(task: str, model: torch.nn.Module, batch: int) -> torch.Tensor
     return F.cross_entropy(model(images), torch.zeros(batch, dtype=torch.long))
 
 
-def activation_bytes(task: str, model_name: str, batch: int, bf16: bool, checkpointing: bool, fake: bool) -> int:
+def activation_bytes(task: str, model_name: str, batch: int, bf16: bool, checkpointing: bool, fake: bool,
+                     backend: str = "sparse") -> int:
     """Saved activation bytes of one training forward; ``fake``: computed on fake tensors."""
     with torch.device("meta") if fake else contextlib.nullcontext():
-        model = build_model(task, model_name, checkpointing)
+        model = build_model(task, model_name, checkpointing, backend)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         if fake:
             model.to_empty(device="cpu")
@@ -101,9 +104,9 @@ def activation_bytes(task: str, model_name: str, batch: int, bf16: bool, checkpo
             return saved_activation_bytes(lambda: training_loss(task, model, batch), model.parameters())
 
 
-def activation_fit(task: str, model_name: str, bf16: bool, checkpointing: bool, fake: bool = True) -> tuple[int, int]:
-    """(fixed bytes, bytes per image) of the saved activations, from batches 1 and 2."""
-    one, two = (activation_bytes(task, model_name, batch, bf16, checkpointing, fake) for batch in (1, 2))
+def activation_fit(task: str, model_name: str, bf16: bool, checkpointing: bool, backend: str) -> tuple[int, int]:
+    """(fixed bytes, bytes per image) of the saved activations, computed from batches 1 and 2."""
+    one, two = (activation_bytes(task, model_name, batch, bf16, checkpointing, True, backend) for batch in (1, 2))
     return one - (two - one), two - one
 
 
@@ -112,11 +115,12 @@ def parameter_count(task: str, model_name: str) -> int:
         return sum(param.numel() for param in build_model(task, model_name, False).parameters())
 
 
-def size_row(task: str, size: str) -> dict:
+def size_row(task: str, size: str, backend: str) -> dict:
     model_name = f"convnextv2_{size}"
     params = parameter_count(task, model_name)
     state = params * STATE_BYTES_PER_PARAM[task]
-    fits = {(bf16, ckpt): activation_fit(task, model_name, bf16, ckpt) for bf16 in (False, True) for ckpt in (False, True)}
+    fits = {(bf16, ckpt): activation_fit(task, model_name, bf16, ckpt, backend)
+            for bf16 in (False, True) for ckpt in (False, True)}
     batch = RECIPE_BATCH[task]
     budget = GPU_BYTES * USABLE_SHARE
     total = {key: state + fixed + per_image * batch for key, (fixed, per_image) in fits.items()}
@@ -164,22 +168,49 @@ def verify_table(sizes: list[str], batch: int = 2) -> str:
     return "\n".join(lines)
 
 
+def checkpointing_overhead(model_name: str = "convnextv2_atto", batch: int = 16, repeats: int = 3) -> str:
+    """Median CPU time of one forward + backward with and without checkpointing, interleaved."""
+    inputs = {task: build_model(task, model_name, False) for task in RECIPE_BATCH}
+    seconds = {(task, ckpt): [] for task in RECIPE_BATCH for ckpt in (False, True)}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for task, ckpt in seconds:
+            model = inputs[task]
+            model.set_grad_checkpointing(ckpt)
+            start = time.perf_counter()
+            training_loss(task, model, batch).backward()
+            model.zero_grad(set_to_none=True)
+            if repeat:
+                seconds[(task, ckpt)].append(time.perf_counter() - start)
+    lines = []
+    for task in RECIPE_BATCH:
+        plain, checkpointed = (statistics.median(seconds[(task, ckpt)]) for ckpt in (False, True))
+        lines.append(f"- {task}, {model_name}, batch {batch}, {torch.get_num_threads()} thread(s): forward + backward "
+                     f"{plain:.2f} s, with checkpointing {checkpointed:.2f} s ({checkpointed / plain - 1:+.0%})")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(SIZES), choices=SIZES)
     parser.add_argument("--verify-models", nargs="*", default=["atto", "femto", "pico", "nano", "tiny"],
                         choices=SIZES, help="sizes also measured on real CPU tensors (batch 2)")
+    parser.add_argument("--backend", default="sparse", choices=["sparse", "masked"],
+                        help="FCMAE encoder backend for the pretraining table (default: %(default)s)")
+    parser.add_argument("--time-checkpointing", action="store_true",
+                        help="also time forward + backward of atto on the CPU with and without checkpointing")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     started = time.time()
     sections = []
     for task in RECIPE_BATCH:
-        rows = [size_row(task, size) for size in args.models]
-        title = "FCMAE pretraining (sparse backend, mask 0.6)" if task == "pretrain" else "Fine-tuning (dense, EMA)"
+        rows = [size_row(task, size, args.backend) for size in args.models]
+        title = f"FCMAE pretraining ({args.backend} backend, mask 0.6)" if task == "pretrain" else "Fine-tuning (dense, EMA)"
         sections.append(f"### {title}, {INPUT_SIZE} px\n\n{markdown_table(task, rows)}")
     if args.verify_models:
         sections.append(f"### Measured on CPU vs computed on fake tensors (batch 2)\n\n{verify_table(args.verify_models)}")
+    if args.time_checkpointing:
+        sections.append(f"### Checkpointing overhead (CPU)\n\n{checkpointing_overhead()}")
     command = "python -m benchmarks.memory_table " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n\n".join(sections) + (f"\n\n`{command.strip()}`: torch {torch.__version__}, "
                                     f"{time.time() - started:.0f} s\n")
