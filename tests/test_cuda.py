@@ -76,10 +76,10 @@ def test_sparse_and_masked_backends_agree_on_cuda(dtype, tolerance):
         assert err < tolerance, f"{dtype}: gradient of {name} differs by {err:.2e} between sparse and masked"
 
 
-def pretrain_pieces(extra_args=()):
+def pretrain_pieces():
     import pretrain
 
-    args = pretrain.build_parser().parse_args(["--model", "convnextv2_atto", "--input_size", "64", *extra_args])
+    args = pretrain.build_parser().parse_args(["--model", "convnextv2_atto", "--input_size", "64"])
     model = build_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_dim=64).to(DEVICE)
     stepper = GradientStepper(model, build_adamw(model, 1e-4, 0.05, (0.9, 0.95)), "bf16", update_freq=2, clip_grad=1.0)
     return model, stepper, pretrain.make_loss_fn(args, 0, DEVICE)
@@ -89,17 +89,19 @@ def run_micro_batches(model, stepper, loss_fn, batches, first_iteration=0):
     losses = []
     for offset, batch in enumerate(batches):
         iteration = first_iteration + offset
-        with stepper.sync_context(iteration), stepper.autocast():
-            loss, _ = loss_fn(model, batch, Step(0, iteration, iteration // stepper.update_freq))
-        stepper.backward(loss, iteration)
+        with stepper.sync_context(iteration):
+            with stepper.autocast():
+                loss, _ = loss_fn(model, batch, Step(0, iteration, iteration // stepper.update_freq))
+            stepper.backward(loss, iteration)
         losses.append(loss.detach())
     return losses
 
 
-def image_batches(count, classes=None, size=64, batch=8):
+def image_batches(count, num_classes=10, size=64, batch=8):
+    """``count`` (images, labels) batches in pinned memory, as the DataLoader hands them over."""
     generator = torch.Generator().manual_seed(0)
     return [(torch.randn(batch, 3, size, size, generator=generator).pin_memory(),
-             torch.randint(classes or 10, (batch,), generator=generator).pin_memory()) for _ in range(count)]
+             torch.randint(num_classes, (batch,), generator=generator).pin_memory()) for _ in range(count)]
 
 
 def test_pretraining_micro_batches_never_wait_for_the_gpu():
