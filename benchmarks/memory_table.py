@@ -129,11 +129,17 @@ def size_row(task: str, size: str, backend: str) -> dict:
                 needs_checkpointing=total[(True, False)] > budget)
 
 
+def state_cell(task: str, params: int) -> str:
+    """fp32 weights / gradients / AdamW moments (/ EMA) in GiB."""
+    parts = [4, 4, 8] + ([4] if task == "finetune" else [])
+    return " / ".join(f"{params * bytes_per_param / GIB:.2f}" for bytes_per_param in parts)
+
+
 def markdown_table(task: str, rows: list[dict]) -> str:
     batch = RECIPE_BATCH[task]
-    extra = " + EMA" if task == "finetune" else ""
+    extra = " / EMA" if task == "finetune" else ""
     header = [
-        "model", "params (M)", f"weights + grads + AdamW{extra} (GiB)",
+        "model", "params (M)", f"weights / grads / AdamW{extra} (GiB)",
         "act/img fp32 (MiB)", "act/img bf16 (MiB)", "act/img bf16 + ckpt (MiB)",
         f"total @{batch} bf16 (GiB)", f"total @{batch} bf16 + ckpt (GiB)",
         "max batch/GPU bf16", "max batch/GPU bf16 + ckpt", f"checkpointing needed at {batch}/GPU",
@@ -142,7 +148,7 @@ def markdown_table(task: str, rows: list[dict]) -> str:
     for row in rows:
         per_image = {key: fit[1] for key, fit in row["fits"].items()}
         cells = [
-            row["size"], f"{row['params'] / 1e6:.1f}", f"{row['state'] / GIB:.2f}",
+            row["size"], f"{row['params'] / 1e6:.1f}", state_cell(task, row["params"]),
             f"{per_image[(False, False)] / MIB:.1f}", f"{per_image[(True, False)] / MIB:.1f}",
             f"{per_image[(True, True)] / MIB:.1f}",
             f"{row['total'][(True, False)] / GIB:.1f}", f"{row['total'][(True, True)] / GIB:.1f}",
