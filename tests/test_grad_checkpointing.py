@@ -65,3 +65,14 @@ def test_finetune_model_checkpointing_keeps_gradients_and_saves_memory():
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
     assert_same_gradients_less_memory(model, lambda m: torch.nn.functional.cross_entropy(m(images), labels),
                                       max_memory_share=0.5)
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_memory_table_computes_on_fake_tensors_what_real_ones_keep(task):
+    """docs/MEMORY.md computes the big sizes on fake tensors; for atto that must be the measured figure."""
+    from benchmarks.memory_table import activation_bytes
+
+    for checkpointing in (False, True):
+        real = activation_bytes(task, "convnextv2_atto", 1, bf16=False, checkpointing=checkpointing, fake=False)
+        fake = activation_bytes(task, "convnextv2_atto", 1, bf16=False, checkpointing=checkpointing, fake=True)
+        assert real == fake, f"{task}, checkpointing={checkpointing}: measured {real} bytes, computed {fake}"

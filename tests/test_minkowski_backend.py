@@ -1,4 +1,6 @@
 """The MinkowskiEngine backend: same numbers as the masked reference, clear error when absent."""
+import os
+import subprocess
 import sys
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 from fcmae import random_masking
 from models import SparseConvNeXtV2
 from models.backends.minkowski import import_minkowski
-from tests.conftest import output_and_gradients, randomize_grn, relative_error
+from tests.conftest import REPO_ROOT, output_and_gradients, randomize_grn, relative_error
 
 try:
     import_minkowski()
@@ -63,3 +65,29 @@ def test_missing_minkowski_engine_error_names_install_script(monkeypatch):
     encoder = SparseConvNeXtV2("convnextv2_atto", backend="minkowski")
     with pytest.raises(ImportError, match=r"bash scripts/install_minkowski\.sh.*MinkowskiEngine backend"):
         encoder(torch.randn(1, 3, 64, 64), torch.zeros(1, 4))
+
+
+OPENMP_THREADS_AFTER_MINKOWSKI = """
+import ctypes, sys, torch
+import models
+from engine.distributed import init_distributed
+from fcmae import random_masking
+init_distributed("cpu", cpu_threads=int(sys.argv[1]))
+encoder = models.SparseConvNeXtV2("convnextv2_atto", backend="minkowski")
+with torch.no_grad():
+    encoder(torch.randn(2, 3, 64, 64), random_masking(2, 4, 0.5, generator=torch.Generator().manual_seed(0)))
+openmp = ctypes.CDLL(next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line))
+print(openmp.omp_get_max_threads())
+"""
+
+
+@needs_minkowski
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: every thread bound is 1 anyway")
+def test_cpu_threads_bound_minkowski_openmp_threads():
+    """MinkowskiEngine sets the OpenMP thread count it shares with torch (all CPUs by default);
+    with --cpu_threads 1 it must run, and leave torch, on one thread."""
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-c", OPENMP_THREADS_AFTER_MINKOWSKI, "1"], cwd=REPO_ROOT,
+                         env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "1", f"OpenMP runs {run.stdout.split()[-1]} threads after a minkowski forward"

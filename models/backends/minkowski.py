@@ -46,7 +46,8 @@ def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -
     stem_out = encoder.stem(images)  # dense: the stem never mixes 32x32 cells
     batch, _, height, width = stem_out.shape
     manager = ME.CoordinateManager(
-        D=2, coordinate_map_type=ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
+        D=2, coordinate_map_type=ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU,
+        num_threads=torch.get_num_threads(),
     )
     indices = visible_indices(mask, grid_size, 8, keep_count)
     tokens = gather_tokens(stem_out.flatten(2).transpose(1, 2), indices)
