@@ -35,12 +35,13 @@ class FCMAE(nn.Module):
 
     forward(images, mask=None, check_mask=True) -> (loss, pred, mask):
         images: (N, 3, H, W), H and W multiples of 32;
-        mask: (N, L) float, 1 = hidden, L = (H/32)*(W/32), every image keeping
-            ``keep_count(L, mask_ratio)`` cells, as ``random_masking(N, L, mask_ratio)`` draws it;
-            drawn that way on the images' device if None;
-        check_mask: read a given mask once to check it (a host-device sync). A training loop
-            passing masks fresh from ``random_masking`` with this ``mask_ratio`` passes False:
-            then nothing in the forward waits for the device and it compiles to one graph;
+        mask: (N, L) float, 1 = hidden, L = (H/32)*(W/32), every image keeping the same number
+            of cells; drawn with ``random_masking(N, L, mask_ratio)`` on the images' device if None;
+        check_mask: read a given mask once (a host-device sync) to check it and take its kept
+            count, so a mask of any ratio works. False: the mask is trusted to keep
+            ``keep_count(L, mask_ratio)`` cells, as ``random_masking`` with this model's
+            ``mask_ratio`` draws it; a training loop passes False, so nothing in the forward
+            waits for the device and it compiles to one graph;
         pred: (N, L, 32*32*3) predicted patches (normalised-pixel space when ``norm_pix_loss``);
         loss: mean over hidden patches of the per-patch MSE.
     """
@@ -117,9 +118,8 @@ class FCMAE(nn.Module):
         if not mask_given:
             grid_h, grid_w = self.grid_size(images)
             mask = random_masking(images.shape[0], grid_h * grid_w, self.mask_ratio, device=images.device)
-        kept = keep_count(check_mask_shape(images, mask), self.mask_ratio)
-        if mask_given and check_mask:
-            read_keep_count(mask, expected=kept)
+        num_cells = check_mask_shape(images, mask)
+        kept = read_keep_count(mask) if mask_given and check_mask else keep_count(num_cells, self.mask_ratio)
         features = self.encoder(images, mask, keep_count=kept)
         pred = self.forward_decoder(features, mask)
         return self.loss(images, pred, mask), pred, mask
