@@ -12,7 +12,7 @@ import torch
 from engine.loop import GradientStepper, Step
 from engine.optim import build_adamw
 from fcmae import build_fcmae, keep_count, random_masking
-from finetune.ema import EmaGradientStepper, build_model_ema
+from engine.ema import EmaGradientStepper, build_model_ema
 from finetune.mixup import build_mixup, build_train_criterion
 from finetune.model import build_finetune_model
 from finetune_helpers import load_finetune_script
