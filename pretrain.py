@@ -39,6 +39,7 @@ from engine.loop import GradientStepper, Step, train_one_epoch, updates_per_epoc
 from engine.optim import build_adamw, effective_batch_size, scaled_lr
 from engine.schedule import build_lr_scheduler
 from engine.seeding import capture_rng_state, configure_determinism, derive_seed, generator, seed_everything
+from fcmae.knn_monitor import KNN_MONITOR_CHECKS, build_knn_monitor
 from fcmae.visualize import save_png, visualize_reconstructions
 from models import BACKENDS
 
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="normalise each target patch by its mean/std")
     group.add_argument("--decoder_depth", type=int, default=1, help="ConvNeXt V2 blocks in the decoder")
     group.add_argument("--decoder_embed_dim", type=int, default=512, help="decoder width")
+    knn = parser.add_argument_group("k-NN monitor", "representation quality during pretraining: the encoder embeds "
+                                    "a labelled folder and a weighted k-NN classifies its val/ against its train/")
+    knn.add_argument("--knn_data_path", default=None, metavar="DIR",
+                     help="ImageNet-style folder with train/ and val/ (labels used by the monitor only); "
+                          "omitted: no monitor")
+    knn.add_argument("--knn_freq", type=int, default=1, help="epochs between evaluations (also after the last)")
+    knn.add_argument("--knn_k", type=int, default=20, help="neighbours")
+    knn.add_argument("--knn_max_images", type=int, default=0,
+                     help="images per split, spread evenly over the classes (0: all)")
     parser.set_defaults(output_dir="./output/pretrain")
     return parser
 
@@ -191,6 +201,7 @@ def pretrain(args: argparse.Namespace, info: DistributedInfo) -> dict:
     dataset = build_dataset(args)
     loader = build_loader(dataset, args.batch_size, args.num_workers, args.seed, info.rank, info.world_size,
                           info.device)
+    knn_monitor = build_knn_monitor(args, info.device)
     updates = updates_per_epoch(len(loader), args.update_freq)
     if updates < 1:
         raise ConfigError(f"--batch_size {args.batch_size} / --update_freq {args.update_freq}: each process gets "
@@ -223,11 +234,15 @@ def pretrain(args: argparse.Namespace, info: DistributedInfo) -> dict:
                                 args.print_freq, tensorboard)
         stats["unreadable_images"] = count_unreadable(dataset, info.device)
         epochs_done = epoch + 1
-        _logger.info("epoch %d/%d done: loss %.4f, lr %.3g, %.1f img/s, %.0f s%s", epochs_done, args.epochs,
+        if knn_monitor is not None and knn_monitor.due(epochs_done, args.epochs):
+            stats.update(knn_monitor.evaluate(model.encoder))
+        _logger.info("epoch %d/%d done: loss %.4f, lr %.3g, %.1f img/s, %.0f s%s%s", epochs_done, args.epochs,
                      stats["loss"], stats["lr"], stats["images_per_s"], stats["epoch_time_s"],
+                     f", knn_top1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else "",
                      f", {stats['unreadable_images']} unreadable images skipped" if stats["unreadable_images"] else "")
         metrics_log.append({"epoch": epochs_done, **stats})
-        tensorboard.scalars({name: stats[name] for name in ("loss", "lr", "images_per_s")}, epochs_done, "epoch/")
+        tensorboard.scalars({name: stats[name] for name in ("loss", "lr", "images_per_s", "knn_top1", "knn_time_s")
+                             if name in stats}, epochs_done, "epoch/")
         if info.is_main and (epochs_done % args.save_ckpt_freq == 0 or epochs_done == args.epochs):
             save_outputs(args, model, optimizer, stepper, epochs_done, visuals, tensorboard)
     if start_epoch >= args.epochs:
@@ -247,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if demo:
         argv = ["--config", str(DEMO_CONFIG)]
     parser = build_parser()
-    args = parse_and_validate(parser, argv, TRAINING_CHECKS + PRETRAIN_CHECKS)
+    args = parse_and_validate(parser, argv, TRAINING_CHECKS + PRETRAIN_CHECKS + KNN_MONITOR_CHECKS)
     info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
     with cli_errors(parser):
         if info.is_main:
