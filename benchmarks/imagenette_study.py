@@ -522,7 +522,8 @@ def run_study(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
     probe_images = len(labelled) + len(shown)
     finetune_images = args.finetune_epochs * len(labelled) + len(shown)
     clock = StudyClock({
-        "pretrain": {"pretrain": args.pretrain_epochs * len(unlabelled), "features": len(knn_epochs(args)) * probe_images},
+        "pretrain": {"pretrain": args.pretrain_epochs * len(unlabelled),
+                     "features": len(knn_epochs(args)) * probe_images},
         **{f"fine-tune {budget} ep": {"finetune": finetune_images} for budget in args.budgets},
         "fine-tune scratch": {"finetune": finetune_images},
         "probe FCMAE": {"features": probe_images},
@@ -535,9 +536,9 @@ def run_study(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
     clock.finished("pretrain")
     finetune = {"fcmae": {}}
     for budget in args.budgets:
-        finetune["fcmae"][str(budget)] = finetune_arm(args, budget_encoder_path(args, budget), finetune_set,
-                                                      val_loader, classes)
-        _logger.info("fine-tune from %d pretraining epochs: top-1 %.2f%%", budget, finetune["fcmae"][str(budget)]["acc1"])
+        arm = finetune_arm(args, budget_encoder_path(args, budget), finetune_set, val_loader, classes)
+        finetune["fcmae"][str(budget)] = arm
+        _logger.info("fine-tune from %d pretraining epochs: top-1 %.2f%%", budget, arm["acc1"])
         clock.finished(f"fine-tune {budget} ep")
     finetune["scratch"] = finetune_arm(args, None, finetune_set, val_loader, classes)
     _logger.info("fine-tune from scratch: top-1 %.2f%%", finetune["scratch"]["acc1"])
