@@ -32,13 +32,14 @@ import fcmae
 from engine.checkpoint import save_safetensors
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, OfficialFlag, TRAINING_CHECKS,
-                           TrainingArgumentParser, add_training_arguments)
+                           TrainingArgumentParser, add_training_arguments, optional_path)
 from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, pretrain_transform
 from engine.distributed import DistributedInfo
 from engine.logging import TensorBoardWriter
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
 from engine.seeding import derive_seed, generator
+from fcmae.knn_monitor import KNN_MONITOR_CHECKS, build_knn_monitor
 from fcmae.visualize import fixed_visual_batch, save_png, visualize_reconstructions
 from models import BACKENDS, encoder_export_state
 
@@ -66,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="normalise each target patch by its mean/std")
     group.add_argument("--decoder_depth", type=int, default=1, help="ConvNeXt V2 blocks in the decoder")
     group.add_argument("--decoder_embed_dim", type=int, default=512, help="decoder width")
+    knn = parser.add_argument_group("k-NN monitor", "representation quality during pretraining: the encoder embeds "
+                                    "a labelled folder and a weighted k-NN classifies its val/ against its train/")
+    knn.add_argument("--knn_data_path", type=optional_path, default=None, metavar="DIR",
+                     help="ImageNet-style folder with train/ and val/ (labels used by the monitor only) "
+                          "(default: no monitor)")
+    knn.add_argument("--knn_freq", type=int, default=1, help="epochs between evaluations (also after the last)")
+    knn.add_argument("--knn_k", type=int, default=20, help="neighbours")
+    knn.add_argument("--knn_max_images", type=int, default=0,
+                     help="images per split, spread evenly over the classes (0: all)")
     parser.set_defaults(output_dir="./output/pretrain")
     parser.add_official_flags(OFFICIAL_PRETRAIN_FLAGS)
     return parser
@@ -131,6 +141,18 @@ def make_export(args: argparse.Namespace, visuals: tuple[torch.Tensor, torch.Ten
     return export
 
 
+def make_knn_evaluation(args: argparse.Namespace, info: DistributedInfo):
+    """Task.evaluate for --knn_data_path: k-NN top-1 at the --knn_freq epochs (and the last), else nothing."""
+    monitor = build_knn_monitor(args, info.device)
+    if monitor is None:
+        return None
+
+    def evaluate(model, ema_model, epochs_done: int) -> dict:
+        return monitor.evaluate(model.encoder) if monitor.due(epochs_done, args.epochs) else {}
+
+    return evaluate
+
+
 def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
     dataset = build_dataset(args)
     return Task(
@@ -144,12 +166,15 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
         description=f"{args.model} ({args.backend} backend)",
         export=make_export(args, fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device))
         if info.is_main else None,  # python -m fcmae.visualize redraws the same picture from a checkpoint
+        evaluate=make_knn_evaluation(args, info),
+        epoch_summary=lambda record: f"knn_top1 {record['knn_top1']:.2f}%" if "knn_top1" in record else "",
     )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
-    args = parse_and_validate(parser, argv, TRAINING_CHECKS + PRETRAIN_CHECKS, demo_argv=["--config", str(DEMO_CONFIG)])
+    args = parse_and_validate(parser, argv, TRAINING_CHECKS + PRETRAIN_CHECKS + KNN_MONITOR_CHECKS,
+                              demo_argv=["--config", str(DEMO_CONFIG)])
     return launch(parser, args, lambda info: run_training(args, info, build_task(args, info)))
 
 

@@ -1,0 +1,175 @@
+"""fcmae.knn_monitor: the k-NN monitor of pretraining, alone, inside pretrain.py, and under DDP."""
+import argparse
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+import fcmae
+import pretrain
+from conftest import randomize_grn
+from engine.checkpoint import save_safetensors
+from engine.data import ImageFolderSkippingUnreadable
+from fcmae import knn_monitor
+from fcmae.knn_monitor import DenseEncoderView, KNNMonitor, balanced_indices, build_knn_monitor
+from finetune.features import FeatureExtractor
+from finetune.linear_probe import main as linear_probe_main
+from finetune.transforms import build_eval_transform
+from image_folders import make_image_folder
+
+torch.set_num_threads(1)
+
+MODEL = "convnextv2_atto"
+
+
+def knn_folder(root, train_per_class=5, val_per_class=1, classes=2, size=40, noise=120.0):
+    """``root/{train,val}/c<i>/<j>.png``: class = a colour shift buried in heavy noise, so k-NN
+    top-1 lands between chance and 100% and a change of features can move it."""
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(classes):
+            folder = root / split / f"c{label}"
+            folder.mkdir(parents=True)
+            colour = np.array([120 + 25 * label, 120, 140 - 25 * label], dtype=np.float64)
+            for index in range(per_class):
+                pixels = colour + rng.normal(0, noise, size=(size, size, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+def trained_looking_encoder(seed=0):
+    torch.manual_seed(seed)
+    encoder = fcmae.build_fcmae(MODEL).encoder
+    randomize_grn(encoder)  # GRN starts as the identity; give it values so a wrong GRN shows
+    return encoder
+
+
+def test_balanced_indices_share_the_cap_evenly_and_deterministically():
+    targets = [0] * 10 + [1] * 3 + [2] * 7
+    chosen = balanced_indices(targets, 12)
+    assert chosen == sorted(set(chosen)) and len(chosen) == 12
+    counts = torch.bincount(torch.tensor(targets)[chosen]).tolist()
+    assert counts == [5, 3, 4]  # class 1 has only 3: its share goes to the others, one apart at most
+    assert chosen[:5] == [0, 2, 4, 6, 8]  # evenly spaced within class 0, not its first five
+    assert balanced_indices(targets, 12) == chosen
+    assert balanced_indices(targets, None) == list(range(20)) == balanced_indices(targets, 50)
+
+
+def test_dense_view_of_the_encoder_equals_the_exported_encoder_loaded_into_timm(tmp_path):
+    encoder = trained_looking_encoder()
+    path = save_safetensors(encoder.state_dict(), tmp_path / "encoder.safetensors")
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        borrowed = DenseEncoderView(MODEL, torch.device("cpu"))(encoder, images)
+    assert torch.equal(borrowed, FeatureExtractor(MODEL, path).pooled(images))  # bitwise: same ops, same weights
+
+
+def test_without_knn_data_path_nothing_is_built_or_read(monkeypatch):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the monitor read a folder although --knn_data_path is absent")
+
+    monkeypatch.setattr(knn_monitor, "ImageFolderSkippingUnreadable", no_reading)
+    monkeypatch.setattr(knn_monitor, "KNNMonitor", no_reading)
+    assert build_knn_monitor(argparse.Namespace(knn_data_path=None), torch.device("cpu")) is None
+
+
+def test_pretraining_logs_knn_top1_equal_to_the_linear_probe_cli_on_the_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_image_folder(tmp_path / "pretrain_data", classes=2, per_class=2)
+    knn_data = knn_folder(tmp_path / "knn", train_per_class=6, val_per_class=3, classes=3)
+    output = tmp_path / "out"
+    pretrain.main(["--model", MODEL, "--input_size", "64", "--batch_size", "2", "--epochs", "3",
+                   "--warmup_epochs", "1", "--blr", "1.5e-2", "--data_path", str(data), "--output_dir", str(output),
+                   "--num_workers", "0", "--print_freq", "10", "--knn_data_path", str(knn_data), "--knn_freq", "2",
+                   "--knn_k", "5"])
+    epochs = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert ["knn_top1" in record for record in epochs] == [False, True, True]  # every 2 epochs and after the last
+    assert all(record["knn_time_s"] > 0 for record in epochs[1:])
+    assert f"epoch 3/3 done: loss {epochs[2]['loss']:.4f}" in (output / "train.log").read_text()
+    assert f"knn_top1 {epochs[2]['knn_top1']:.2f}%" in (output / "train.log").read_text()
+    events = EventAccumulator(str(output / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    tags = [tag for tag in events.Tags()["scalars"] if tag.endswith("/knn_top1")]  # epoch/ or val/ prefix
+    assert len(tags) == 1, events.Tags()["scalars"]
+    assert [event.step for event in events.Scalars(tags[0])] == [2, 3]
+
+    probe = linear_probe_main(["--model", MODEL, "--checkpoint", str(output / "encoder.safetensors"),
+                               "--data_path", str(knn_data), "--input_size", "64", "--batch_size", "2",
+                               "--num_workers", "0", "--epochs", "1", "--knn_k", "5", "--device", "cpu"])
+    assert probe["train_images"] == 18 and probe["val_images"] == 9
+    assert 100 / 3 < probe["knn_acc1"] < 100  # neither chance nor trivial: a feature change could move it
+    assert epochs[2]["knn_top1"] == probe["knn_acc1"]
+
+
+@pytest.mark.parametrize("flag_args, message", [
+    (["--knn_freq", "0"], "--knn_freq"),
+    (["--knn_k", "0"], "--knn_k"),
+    (["--knn_max_images", "-1"], "--knn_max_images"),
+])
+def test_invalid_knn_flags_exit_before_any_work_naming_the_flag(tmp_path, capsys, flag_args, message):
+    with pytest.raises(SystemExit) as stopped:
+        pretrain.main(["--output_dir", str(tmp_path / "out"), *flag_args])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_knn_data_path_without_val_is_rejected_naming_the_flag(tmp_path, capsys):
+    make_image_folder(tmp_path / "knn" / "train", classes=2, per_class=1)
+    with pytest.raises(SystemExit):
+        pretrain.main(["--output_dir", str(tmp_path / "out"), "--knn_data_path", str(tmp_path / "knn")])
+    error = capsys.readouterr().err
+    assert "--knn_data_path" in error and "val/" in error
+
+
+# ----------------------------------------------------------------------------- DDP
+
+WORLD_SIZE = 2
+
+
+def monitor_on(root, batch_size=3):
+    transform = build_eval_transform(64)
+    train, val = (ImageFolderSkippingUnreadable(root / split, transform, substitute_unreadable=False)
+                  for split in ("train", "val"))
+    return KNNMonitor(MODEL, train, val, num_classes=2, k=3, batch_size=batch_size)
+
+
+def embed_on_rank(rank, port, root, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        torch.set_num_threads(1)
+        monitor, encoder = monitor_on(root), trained_looking_encoder()
+        results[rank] = {"train": monitor.embed_split(encoder, "train"), "val": monitor.embed_split(encoder, "val"),
+                         "top1": monitor.evaluate(encoder)["knn_top1"]}
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_single_process_features_and_top1(tmp_path):
+    # train: 10 images in batches of 3 -> 4 batches (rank 0: 1st and 3rd, rank 1: 2nd and the short 4th);
+    # val: 2 images, one batch, so rank 1 embeds nothing there
+    root = knn_folder(tmp_path, train_per_class=5, val_per_class=1)
+    monitor, encoder = monitor_on(root), trained_looking_encoder()
+    single = {split: monitor.embed_split(encoder, split) for split in ("train", "val")}
+    single_top1 = monitor.evaluate(encoder)["knn_top1"]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(embed_on_rank, args=(free_port(), root, results), nprocs=WORLD_SIZE, join=True)
+        results = dict(results)
+    for rank in range(WORLD_SIZE):
+        for split in ("train", "val"):
+            features, labels = results[rank][split]
+            assert torch.equal(labels, single[split][1]), (rank, split)
+            assert torch.equal(features, single[split][0]), f"rank {rank} {split} features differ"
+        assert results[rank]["top1"] == single_top1
