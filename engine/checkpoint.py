@@ -19,10 +19,10 @@
 * ``save_safetensors(state_dict, path, metadata)``: atomic safetensors export (e.g. the encoder).
 * ``find_resume_checkpoint(args, info)`` -> (path, state) | None: ``--resume``, else with
   ``--auto_resume`` the newest valid checkpoint in ``--output_dir`` (the same file on every rank).
-* ``restore_training_state(path, state, model, optimizer, stepper, num_workers, world_size)``:
-  weights, optimizer and stepper back in place (no RNG state: the training loop reseeds every RNG
-  per micro-batch); a resumed run continues bitwise only with the original ``--num_workers`` and
-  world size, so ``warn_if_run_layout_differs`` names what differs.
+* ``restore_training_state(path, state, model, optimizer, stepper, world_size)``: weights,
+  optimizer and stepper back in place (no RNG state: the training loop reseeds every RNG per
+  micro-batch, and augmentations are seeded per sample, whatever ``--num_workers``); a resumed run
+  continues bitwise only with the original world size, so ``warn_if_run_layout_differs`` names it.
 
 State is plain data (tensors, numbers, strings, lists, dicts) so nothing in a file can run code.
 """
@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from engine.distributed import broadcast_object
+from models.checkpoint import file_format
 
 _logger = logging.getLogger(__name__)
 
@@ -139,7 +140,15 @@ def describe_progress(epochs: int, iterations: int = 0) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, required_keys: Iterable[str] = REQUIRED_KEYS) -> dict[str, Any]:
-    """Load a checkpoint on CPU with ``weights_only=True``; raise CheckpointError if unusable."""
+    """Load a checkpoint on CPU with ``weights_only=True``; raise CheckpointError if unusable
+    (naming what the file is when it is not a PyTorch checkpoint at all: text, empty, a folder...)."""
+    try:
+        kind = file_format(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(str(error)) from error
+    if kind == "safetensors":
+        raise CheckpointError(f"{path} is a safetensors file (weights only), not a training checkpoint: it cannot "
+                              "resume a run; start from it with finetune.py --finetune, or pick a checkpoint-*.pth")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, disallowed type, I/O error...
@@ -174,24 +183,20 @@ def save_safetensors(
     return atomic_write(path, lambda file: file.write(payload))
 
 
-def warn_if_run_layout_differs(path: str | os.PathLike, state: Mapping[str, Any], num_workers: int,
-                               world_size: int) -> list[str]:
-    """Compare the ``--num_workers`` and world size a checkpoint was written with (``state["config"]``
-    and ``state["world_size"]``; absent in older files: not compared) with this run's; log one
-    warning naming each difference and return them. Training resumes either way, but the data
-    order and augmentations (and, with another world size, the effective batch, hence the lr and
-    the updates per epoch) no longer match an uninterrupted run."""
-    saved = {"--num_workers": state.get("config", {}).get("num_workers"), "world size": state.get("world_size")}
-    current = {"--num_workers": num_workers, "world size": world_size}
-    differences = [f"{name} {saved[name]} -> {current[name]}" for name in current
-                   if saved[name] is not None and saved[name] != current[name]]
-    if differences:
-        _logger.warning("resuming %s with %s: training continues, but not as the uninterrupted run would "
-                        "(data order and augmentations differ%s); resume with the original values to continue "
-                        "exactly", path, ", ".join(differences),
-                        "; the effective batch, lr and updates per epoch change" if "world size" in
-                        " ".join(differences) else "")
-    return differences
+def warn_if_run_layout_differs(path: str | os.PathLike, state: Mapping[str, Any], world_size: int) -> list[str]:
+    """Compare the world size a checkpoint was written with (``state["world_size"]``; absent in
+    older files: not compared) with this run's; log a warning naming a difference and return it.
+    Training resumes either way, but the effective batch (hence the lr), the updates per epoch and
+    each rank's share of the data no longer match an uninterrupted run. (``--num_workers`` does not
+    matter: augmentations are seeded per sample.)"""
+    saved = state.get("world_size")
+    if saved is None or saved == world_size:
+        return []
+    difference = f"world size {saved} -> {world_size}"
+    _logger.warning("resuming %s with %s: training continues, but not as the uninterrupted run would (the "
+                    "effective batch, lr, updates per epoch and data order change); resume with the original "
+                    "world size to continue exactly", path, difference)
+    return [difference]
 
 
 def find_resume_checkpoint(args, info) -> Optional[tuple[str, dict[str, Any]]]:
@@ -207,10 +212,10 @@ def find_resume_checkpoint(args, info) -> Optional[tuple[str, dict[str, Any]]]:
 
 
 def restore_training_state(path: str, state: Mapping[str, Any], model: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer, stepper, num_workers: int, world_size: int) -> None:
-    """Put a checkpoint's model, optimizer, stepper (``load_state_dict``) and RNG state back, after
-    warning if it was written with another ``--num_workers`` or world size."""
-    warn_if_run_layout_differs(path, state, num_workers, world_size)
+                           optimizer: torch.optim.Optimizer, stepper, world_size: int) -> None:
+    """Put a checkpoint's model, optimizer and stepper (``load_state_dict``) back, after warning if
+    it was written with another world size."""
+    warn_if_run_layout_differs(path, state, world_size)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     stepper.load_state_dict(state.get("stepper", {}))

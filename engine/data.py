@@ -16,6 +16,7 @@
   warning; ``build_image_folder`` adds a clear error for a folder without any images.
 * ``EmbeddedPhotos(split, input_size, length, transform=None)``: real photographs bundled with
   scikit-image (public domain / CC0), no download needed; see its docstring.
+* ``shutdown_workers(loader)``: stop a loader's persistent workers (end of a training run).
 * ``build_loader(dataset, batch_size, num_workers, seed, rank, world_size, device, train, pin_memory)``:
   DataLoader over this rank's share. Training: a ``ResumableDistributedSampler`` (a seeded
   shuffle per epoch, also for one process; ``sampler.set_epoch(epoch, skip)`` starts mid-epoch)
@@ -438,3 +439,16 @@ def build_loader(
                       pin_memory=pin_memory, drop_last=True,
                       generator=torch.Generator().manual_seed(seed),  # worker base seeds: not from the global RNG
                       **workers_kwargs)
+
+
+def shutdown_workers(loader: DataLoader) -> None:
+    """Stop ``loader``'s persistent worker processes now (they otherwise live as long as the loader).
+
+    A training process must not leave them to interpreter exit: multiprocessing's exit handler
+    stops daemon processes with SIGTERM, which training workers ignore (``engine.signals``), and
+    then waits for them forever.
+    """
+    iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps persistent workers
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None

@@ -45,7 +45,7 @@ from .checkpoint import (checkpoint_name, checkpoint_paths, find_resume_checkpoi
                          save_checkpoint)
 from .cli import cli_errors
 from .config import ConfigError, check_output_folders, config_dict, resolve_hardware_defaults, save_config
-from .data import build_loader
+from .data import build_loader, shutdown_workers
 from .distributed import (DistributedInfo, all_reduce_mean, check_replicas_identical, get_world_size, init_distributed,
                           wrap_ddp)
 from .ema import EmaGradientStepper, build_model_ema
@@ -199,8 +199,7 @@ def resume(args: argparse.Namespace, info: DistributedInfo, task: Task, training
         raise ConfigError(f"--model {args.model}: checkpoint {path} holds a {saved_model}; "
                           f"use --model {saved_model} {advice}")
     task.check_checkpoint(path, state, advice)
-    restore_training_state(path, state, training.model, training.optimizer, training.stepper, args.num_workers,
-                           info.world_size)
+    restore_training_state(path, state, training.model, training.optimizer, training.stepper, info.world_size)
     if training.ema is not None:
         if "model_ema" in state:
             training.ema.module.load_state_dict(state["model_ema"])
@@ -416,3 +415,4 @@ def run_training(args: argparse.Namespace, info: DistributedInfo, task: Task) ->
             return Run(args, info, task, training, loader, scheduler, tensorboard, metrics_log).train(position)
         finally:
             tensorboard.close()
+            shutdown_workers(loader)

@@ -100,11 +100,20 @@ def test_derived_seeds_depend_on_every_index():
     assert all(0 <= seed < 2**63 for seed in seeds)
 
 
-def test_resume_layout_differences_are_named_and_older_files_are_not_compared(caplog):
+def test_resume_with_another_world_size_is_named_and_older_files_are_not_compared(caplog):
     state = {"config": {"num_workers": 4}, "world_size": 8}
     with caplog.at_level(logging.WARNING):
-        assert ckpt.warn_if_run_layout_differs("ck.pth", state, 4, 8) == []
+        assert ckpt.warn_if_run_layout_differs("ck.pth", state, 8) == []
         assert caplog.text == ""
-        assert ckpt.warn_if_run_layout_differs("ck.pth", state, 2, 1) == ["--num_workers 4 -> 2", "world size 8 -> 1"]
-    assert "effective batch, lr and updates per epoch change" in caplog.text
-    assert ckpt.warn_if_run_layout_differs("old.pth", {"config": {}}, 2, 1) == []  # written before the layout was saved
+        assert ckpt.warn_if_run_layout_differs("ck.pth", state, 1) == ["world size 8 -> 1"]
+    assert "effective batch, lr, updates per epoch and data order change" in caplog.text
+    assert ckpt.warn_if_run_layout_differs("old.pth", {"config": {}}, 1) == []  # written before the layout was saved
+
+
+@pytest.mark.parametrize("content, named", [(b"version https://git-lfs\n", "(text)"), (b"", "is empty (0 bytes)")])
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, content, named):
+    path = tmp_path / "checkpoint-3.pth"
+    path.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint") as error:
+        ckpt.load_checkpoint(path)
+    assert named in str(error.value) and "run code" not in str(error.value)
