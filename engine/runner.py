@@ -408,9 +408,9 @@ def run_training(args: argparse.Namespace, info: DistributedInfo, task: Task) ->
             "world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
             "lr": lr, "updates_per_epoch": updates, **task.derived})
         _logger.info("%s on %s x %d: %d images/epoch, effective batch %d (%d x %d accumulation x %d), lr %.3g, "
-                     "%d epochs from epoch %d", task.description, info.device, info.world_size, len(task.train_set),
+                     "%d epoch%s from epoch %d", task.description, info.device, info.world_size, len(task.train_set),
                      effective_batch, args.batch_size, args.update_freq, info.world_size, lr, args.epochs,
-                     position.epoch)
+                     "" if args.epochs == 1 else "s", position.epoch)
         try:
             return Run(args, info, task, training, loader, scheduler, tensorboard, metrics_log).train(position)
         finally:
