@@ -48,6 +48,9 @@ INVALID = {
         "--mask_ratio": ["1.0", "-0.1", "nan"],
         "--decoder_depth": ["0"],
         "--decoder_embed_dim": ["0"],
+        "--knn_freq": ["0"],
+        "--knn_k": ["0"],
+        "--knn_max_images": ["-1"],
     },
     "finetune": {
         **SHARED,
