@@ -35,7 +35,7 @@ import torch
 from engine.checkpoint import atomic_write, latest_valid_checkpoint
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
-                           TrainingArgumentParser, add_training_arguments, config_dict, optional_path, parse_bool)
+                           build_training_parser, config_dict, optional_path, parse_bool)
 from engine.data import build_loader
 from engine.distributed import DistributedInfo
 from engine.loop import Step
@@ -61,13 +61,9 @@ BEST_CHECKPOINTS = {"model": "checkpoint-best.pth", "ema": "checkpoint-best-ema.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = TrainingArgumentParser(
-        description="Fine-tune ConvNeXt V2 on an image folder. Without --data_path (and --config) it runs a short CPU "
-                    f"demo on embedded photos: {DEMO_CONFIG.name} gives the defaults, flags override them.",
-        epilog=f"Defaults are the convnextv2_base recipe (with neither --lr nor --blr, blr is {RECIPE_BLR}); "
-               "per-size recipes: --config configs/finetune_<size>.yaml.",
-    )
-    add_training_arguments(parser)
+    parser = build_training_parser("Fine-tune ConvNeXt V2 on an image folder.", DEMO_CONFIG,
+                                   "the convnextv2_base recipe, as are the other defaults", RECIPE_BLR,
+                                   "configs/finetune_<size>.yaml")
     model = parser.add_argument_group("fine-tuning")
     model.add_argument("--finetune", type=optional_path, default=None,
                        help="initial weights: any checkpoint models.load_pretrained reads (ours, encoder.safetensors, "

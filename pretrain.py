@@ -32,7 +32,7 @@ import fcmae
 from engine.checkpoint import save_safetensors
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, OfficialFlag, TRAINING_CHECKS,
-                           TrainingArgumentParser, add_training_arguments, optional_path)
+                           build_training_parser, optional_path)
 from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, pretrain_transform
 from engine.distributed import DistributedInfo
 from engine.logging import TensorBoardWriter
@@ -52,13 +52,8 @@ ENCODER_EXPORT = "encoder.safetensors"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = TrainingArgumentParser(
-        description="FCMAE pretraining of ConvNeXt V2. Without --data_path (and --config) it runs a short CPU demo "
-                    f"on embedded photos: {DEMO_CONFIG.name} gives the defaults, flags override them.",
-        epilog=f"With neither --lr nor --blr, blr is {RECIPE_BLR} (the ConvNeXt V2 recipe). "
-               "Per-size recipes: configs/pretrain_<size>.yaml.",
-    )
-    add_training_arguments(parser)
+    parser = build_training_parser("FCMAE pretraining of ConvNeXt V2.", DEMO_CONFIG, "the ConvNeXt V2 FCMAE recipe",
+                                   RECIPE_BLR, "configs/pretrain_<size>.yaml")
     group = parser.add_argument_group("FCMAE")
     group.add_argument("--backend", choices=list(BACKENDS), default="sparse",
                        help="how the encoder skips hidden patches (same weights for every backend)")

@@ -37,10 +37,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import models  # noqa: E402,F401  (first: installs the torchvision guard before timm is imported)
-from benchmarks.pretrain_speed import machine_info, resolve_backends_and_device, time_cases  # noqa: E402
+from benchmarks.pretrain_speed import (machine_info, parse_with_smoke_defaults, resolve_backends_and_device,  # noqa: E402
+                                       time_cases)
 from engine.data import (TRAIN_PREFETCH_FACTOR, build_image_folder, build_loader, embedded_photos,  # noqa: E402
                          load_rgb_image, pretrain_transform)
-from models import check_model_name  # noqa: E402
 
 MASK_RATIO = 0.6  # the FCMAE recipe's
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -87,15 +87,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None,
                         help="also write the report (markdown) and .json beside it")
     parser.add_argument("--smoke", action="store_true", help="tiny images, atto at 64 px, fractions of a second")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
-    try:
-        args.models = [check_model_name(name if name.startswith("convnextv2_") else f"convnextv2_{name}")
-                       for name in args.models]
-    except ValueError as error:
-        parser.error(f"--models: {error}")
+    args = parse_with_smoke_defaults(parser, argv, SMOKE)
     min_width, min_height, max_width, max_height = args.image_sizes
     if not 0 < min_width <= max_width or not 0 < min_height <= max_height:
         parser.error(f"--image-sizes: need 0 < MIN_W <= MAX_W and 0 < MIN_H <= MAX_H, got {args.image_sizes}")

@@ -60,6 +60,22 @@ def minkowski_available() -> bool:
             and importlib.util.find_spec("models.backends.minkowski") is not None)
 
 
+def parse_with_smoke_defaults(parser: argparse.ArgumentParser, argv: Optional[list[str]],
+                              smoke: dict) -> argparse.Namespace:
+    """Parse ``argv``; with ``--smoke`` the ``smoke`` values become the defaults (explicit flags
+    still win). ``--models`` sizes (``atto``) become full names (``convnextv2_atto``)."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+    try:
+        args.models = [check_model_name(name if name.startswith("convnextv2_") else f"convnextv2_{name}")
+                       for name in args.models]
+    except ValueError as error:
+        parser.error(f"--models: {error}")
+    return args
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["atto", "tiny"],
@@ -84,16 +100,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="also write the table to this markdown file and the raw results beside it as .json")
     parser.add_argument("--smoke", action="store_true",
                         help="atto, 64 px, batch 2, mask 0.6, one step, one repeat (explicit flags still win)")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
-
-    try:
-        args.models = [check_model_name(name if name.startswith("convnextv2_") else f"convnextv2_{name}")
-                       for name in args.models]
-    except ValueError as error:
-        parser.error(f"--models: {error}")
+    args = parse_with_smoke_defaults(parser, argv, SMOKE)
     if args.input_size < TOTAL_STRIDE or args.input_size % TOTAL_STRIDE:
         parser.error(f"--input-size must be a positive multiple of {TOTAL_STRIDE}, got {args.input_size}")
     if not all(0.0 <= ratio < 1.0 for ratio in args.mask_ratios):

@@ -160,6 +160,21 @@ def optional_path(text: str) -> Optional[str]:
     return text or None
 
 
+def build_training_parser(description: str, demo_config: os.PathLike, recipe: str, recipe_blr: float,
+                          recipe_configs: str) -> TrainingArgumentParser:
+    """The parser of a training CLI with the flags both share. The help says what the script does
+    (``description``), how its demo works (``demo_config`` gives the defaults without
+    --data_path/--config), the blr used without --lr/--blr (``recipe_blr``, from ``recipe``) and
+    where the per-size recipes are (``recipe_configs``)."""
+    parser = TrainingArgumentParser(
+        description=f"{description} Without --data_path (and --config) it runs a short CPU demo on embedded photos: "
+                    f"{Path(demo_config).name} gives the defaults, flags override them.",
+        epilog=f"With neither --lr nor --blr, blr is {recipe_blr} ({recipe}). "
+               f"Per-size recipes: --config {recipe_configs}.",
+    )
+    return add_training_arguments(parser)
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the flags pretraining and fine-tuning share; returns ``parser``."""
     parser.add_argument("--config", type=str, default=None, metavar="FILE.yaml",

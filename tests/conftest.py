@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models, deterministic inputs."""
 import os
+import socket
 import sys
 
 # One torch thread per process, here and in the subprocesses tests start: on a 2-core machine,
@@ -47,3 +48,10 @@ def output_and_gradients(encoder, backend: str, images: torch.Tensor, mask: torc
     projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     (out * projection).sum().backward()
     return out.detach(), {name: param.grad.clone() for name, param in encoder.named_parameters()}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a test's gloo process group)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

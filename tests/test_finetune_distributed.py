@@ -1,5 +1,4 @@
 """Distributed evaluation over a real 2-process gloo group: exact counts despite sampler padding."""
-import socket
 
 import pytest
 import torch
@@ -7,6 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from conftest import free_port
 from finetune.evaluate import evaluate
 
 COUNT, WORLD_SIZE = 7, 2  # DistributedSampler pads 7 -> 8: rank 1 gets image 0 a second time
@@ -38,12 +38,6 @@ def evaluate_on_rank(rank, port, results):
         results[rank] = evaluate(FixedLogits(logits), DataLoader(dataset, batch_size=2, sampler=sampler))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """fcmae.knn_monitor: the k-NN monitor of pretraining, alone, inside pretrain.py, and under DDP."""
 import argparse
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 
 import fcmae
 import pretrain
-from conftest import randomize_grn
+from conftest import free_port, randomize_grn
 from engine.checkpoint import save_safetensors
 from engine.data import ImageFolderSkippingUnreadable
 from fcmae import knn_monitor
@@ -147,12 +146,6 @@ def embed_on_rank(rank, port, root, results):
                          "top1": monitor.evaluate(encoder)["knn_top1"]}
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
