@@ -161,12 +161,7 @@ def environment():
 
 
 @pytest.fixture(scope="module")
-def signals_api():
-    return pytest.importorskip("engine.signals", reason="the stop-and-save API of the runner (engine/signals.py)")
-
-
-@pytest.fixture(scope="module")
-def straight_job(data, environment, signals_api, tmp_path_factory):
+def straight_job(data, environment, tmp_path_factory):
     folder = tmp_path_factory.mktemp("straight")
     job = submit(data, folder)
     wait_for(job, "end of the job")
