@@ -15,8 +15,10 @@
 * ``flops``        FLOPs of a step, GPU peak table, model FLOP utilisation.
 * ``signals``      SIGTERM/SIGUSR1 -> checkpoint at the next update boundary -> exit 3.
 * ``runner``       ``run_training(args, info, task)``: the training skeleton both CLIs share.
-* ``data``         ImageFolder that skips unreadable files, embedded photos, distributed loader.
+* ``data``         ImageFolder that skips unreadable files, embedded photos, per-sample seeded and
+                   resumable distributed loaders, fast JPEG decoding.
 * ``cli``          parse + validate, and exit codes for faults (2: configuration, 1: the run).
+* ``slurm``        Slurm jobs through submitit: launcher flags, the submitted callable, stop-save-requeue.
 
 Modules that import timm or torchvision import ``models`` first (its torchvision guard).
 """
