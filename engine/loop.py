@@ -388,8 +388,7 @@ def train_one_epoch(
             progress.log_point(iteration, current_lr(stepper.optimizer))
         if updated is not None and after_update is not None:
             after_update(step, progress)
-    progress.log_point(iterations - 1, current_lr(stepper.optimizer))
-    summary = progress.summary()
+    summary = progress.summary()  # the last iteration is a log point: everything has been read
     if summary["skipped_updates"]:
         _logger.info("fp16: the loss scaler skipped %d of %d updates this epoch (inf/NaN gradients)",
                      summary["skipped_updates"], updates)
