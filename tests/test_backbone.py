@@ -2,14 +2,19 @@
 layer-decay groups, and its use in torchvision's FPN and Mask R-CNN."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import timm
 import torch
 import torchvision
 from checkpoint_layouts import LAYOUTS, randomised_model, write_layout
+from torch.nn.modules.utils import _pair
 from torchvision.extension import _has_ops
 from torchvision.models.detection import MaskRCNN, roi_heads
 from torchvision.ops import boxes as box_ops
+from torchvision.ops import poolers
+from torchvision.ops._utils import convert_boxes_to_roi_format
 
 import models
 from finetune.features import FeatureExtractor
@@ -135,23 +140,53 @@ def synthetic_targets(size: int) -> list[dict]:
     return targets
 
 
+# torchvision's pure-PyTorch roi_align, undecorated: torchvision wraps it in a lazy torch.compile
+# (which replaces a module global on first call), so the fallback calls the plain function.
+_pure_roi_align = importlib.import_module("torchvision.ops.roi_align")._roi_align.__wrapped__
+
+
 def _roi_align_fixed_grid(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
-    """torchvision's roi_align with a 2x2 sampling grid where it would choose one per box (-1)."""
-    return torchvision.ops.roi_align(input, boxes, output_size, spatial_scale,
-                                     2 if sampling_ratio <= 0 else sampling_ratio, aligned)
+    """torchvision's roi_align, eagerly, with a 2x2 sampling grid where it would choose one per box (-1)."""
+    rois = boxes if isinstance(boxes, torch.Tensor) else convert_boxes_to_roi_format(boxes)
+    height, width = _pair(output_size)
+    return _pure_roi_align(input, rois, spatial_scale, height, width,
+                           2 if sampling_ratio <= 0 else sampling_ratio, aligned)
+
+
+def use_pure_pytorch_ops(patch: pytest.MonkeyPatch) -> None:
+    """Stand-ins for torchvision's compiled nms/roi_align, for machines where they do not load
+    (a CUDA torchvision wheel beside a CPU torch). nms has no fallback: the RPN gets a plain PyTorch
+    one. roi_align's pure-PyTorch fallback takes minutes for the per-box sampling grid
+    (sampling_ratio=-1) of the mask targets: they get a 2x2 grid (the feature pooler's default).
+    Only module attributes are patched, never torch's config modules, whose monkeypatch undo
+    breaks them under pytest 9.2 (every later torch.compile failed)."""
+    patch.setattr(box_ops, "nms", _reference_nms)
+    patch.setattr(roi_heads, "roi_align", _roi_align_fixed_grid)
+    patch.setattr(poolers, "roi_align", _roi_align_fixed_grid)
+
+
+def test_the_ops_fallback_leaves_torch_compile_working():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [20.0, 20.0, 30.0, 30.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    features = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(1, 2, 16, 16)
+    with pytest.MonkeyPatch.context() as patch:
+        use_pure_pytorch_ops(patch)
+        assert box_ops.nms(boxes, scores, 0.5).tolist() == [0, 2]  # the overlapping box is suppressed
+        pooled = poolers.roi_align(features, [torch.tensor([[0.0, 0.0, 15.0, 15.0]])], (2, 2), 1.0, 2, True)
+        assert pooled.shape == (1, 2, 2, 2) and torch.all(pooled[0, 1] > pooled[0, 0])
+    assert box_ops.nms is not _reference_nms and poolers.roi_align is torchvision.ops.roi_align
+
+    def scaled_sine(x):
+        return x.sin() * 2
+
+    inputs = torch.linspace(-3, 3, 7)
+    compiled = torch.compile(scaled_sine, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(inputs), scaled_sine(inputs))
 
 
 def test_mask_rcnn_trains_on_the_backbone(monkeypatch):
     if not _has_ops():
-        # torchvision's compiled ops do not load here (CUDA wheel, CPU torch), so this test (only)
-        # works around their absence; the backbone, FPN, heads and losses are torchvision's own.
-        # nms has no fallback: the RPN gets a plain PyTorch one. roi_align falls back to
-        # torchvision's pure-PyTorch version, which takes minutes for the per-box sampling grid
-        # (sampling_ratio=-1) of the mask targets: they get a 2x2 grid (the feature pooler's
-        # default), eagerly (no torch.compile of the fallback).
-        monkeypatch.setattr(box_ops, "nms", _reference_nms)
-        monkeypatch.setattr(roi_heads, "roi_align", _roi_align_fixed_grid)
-        monkeypatch.setattr(torch._dynamo.config, "disable", True)
+        use_pure_pytorch_ops(monkeypatch)  # torchvision's compiled ops do not load here; see there
     torch.manual_seed(0)
     size = 128
     backbone = models.create_backbone("convnextv2_atto", drop_path_rate=0.1)

@@ -29,10 +29,11 @@ DEVICE = torch.device("cuda")
 @pytest.fixture(autouse=True)
 def exact_fp32():
     """fp32 means fp32 here: no TF32 in matmuls and convolutions."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    # the fp32_precision API, as engine.config uses: torch refuses a mix of it and allow_tf32
+    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
 
 
 @contextlib.contextmanager

@@ -150,14 +150,10 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def environment():
     """The tasks import this checkout and run one thread each (bitwise-equal numbers)."""
-    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "OMP_NUM_THREADS")}
-    os.environ.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", str(REPO))
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
 
 
 @pytest.fixture(scope="module")
