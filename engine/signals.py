@@ -37,6 +37,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _stop_reason: Optional[str] = None
 
 
+class StopRequested(Exception):
+    """Raised by long work outside the training step (e.g. a k-NN pass, checked at each of its
+    batches on every rank alike) once the ranks agreed to stop; the runner then writes a
+    checkpoint and exits with ``EXIT_STOPPED``."""
+
+
 def request_stop(reason: str) -> None:
     """Ask the running training to stop at its next update boundary, checkpoint and exit."""
     global _stop_reason
