@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.checkpoint import atomic_write, latest_valid_checkpoint
+from engine.checkpoint import FINE_TUNING, atomic_write, latest_valid_checkpoint, other_kind_problem
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, config_dict, optional_path, parse_bool)
@@ -207,10 +207,16 @@ def make_loss_fn(mixup_fn, criterion, device: torch.device):
     return classification_loss
 
 
-def make_checkpoint_check(model_name: str, num_classes: int, classes: list[str]):
-    """ConfigError if a training checkpoint was made for another class list or head size."""
+def make_checkpoint_check(args: argparse.Namespace, num_classes: int, classes: list[str]):
+    """ConfigError if a checkpoint to resume is pretrain.py's (it starts fine-tuning through
+    --finetune instead) or was made for another class list or head size."""
 
     def check_checkpoint_fits(path, state: dict, advice: str) -> None:
+        problem = other_kind_problem(path, state, FINE_TUNING, resumed=args.resume is not None)
+        if problem:
+            remedy = (f"start fine-tuning from it with --finetune {path} instead of --resume" if args.resume else
+                      f"fine-tune into another --output_dir, with --finetune {path} to start from it")
+            raise ConfigError(f"{problem}; {remedy}")
         if "classes" in state:
             check_same_classes(state["classes"], classes, "the checkpoint", "the data", f" (checkpoint {path})")
         head = state["model"].get("head.fc.weight")
@@ -287,7 +293,7 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
         ema_decay=args.model_ema_decay if args.model_ema else None,
         state=state,
         derived={"num_classes": num_classes},
-        check_checkpoint=make_checkpoint_check(args.model, num_classes, classes),
+        check_checkpoint=make_checkpoint_check(args, num_classes, classes),
         evaluate=evaluate_epoch,
         epoch_summary=lambda record: describe_validation(record, state["best"]),
     )

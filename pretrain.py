@@ -29,9 +29,9 @@ from typing import Optional, Sequence
 import torch
 
 import fcmae
-from engine.checkpoint import save_safetensors
+from engine.checkpoint import PRETRAINING, other_kind_problem, save_safetensors
 from engine.cli import parse_and_validate
-from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, OfficialFlag, TRAINING_CHECKS,
+from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, optional_path)
 from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, pretrain_transform
 from engine.distributed import DistributedInfo
@@ -148,6 +148,19 @@ def make_knn_evaluation(args: argparse.Namespace, info: DistributedInfo):
     return evaluate
 
 
+def make_checkpoint_check(args: argparse.Namespace):
+    """ConfigError if a checkpoint to resume is finetune.py's (a classifier, not an FCMAE)."""
+
+    def check_checkpoint_is_pretraining(path, state: dict, advice: str) -> None:
+        problem = other_kind_problem(path, state, PRETRAINING, resumed=args.resume is not None)
+        if problem:
+            remedy = (f"pass a checkpoint of pretrain.py to --resume (finetune.py --eval --resume {path} evaluates "
+                      "this one)" if args.resume else "pretrain into another --output_dir")
+            raise ConfigError(f"{problem}; {remedy}")
+
+    return check_checkpoint_is_pretraining
+
+
 def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
     dataset = build_dataset(args)
     return Task(
@@ -161,6 +174,7 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
         description=f"{args.model} ({args.backend} backend)",
         export=make_export(args, fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device))
         if info.is_main else None,  # python -m fcmae.visualize redraws the same picture from a checkpoint
+        check_checkpoint=make_checkpoint_check(args),
         evaluate=make_knn_evaluation(args, info),
         epoch_summary=lambda record: f"knn_top1 {record['knn_top1']:.2f}%" if "knn_top1" in record else "",
     )

@@ -19,6 +19,9 @@
 * ``save_safetensors(state_dict, path, metadata)``: atomic safetensors export (e.g. the encoder).
 * ``find_resume_checkpoint(args, info)`` -> (path, state) | None: ``--resume``, else with
   ``--auto_resume`` the newest valid checkpoint in ``--output_dir`` (the same file on every rank).
+* ``checkpoint_kind(state)``: "pretraining", "fine-tuning" or "unknown", from the model's tensor
+  names; ``other_kind_problem(...)`` says in one line that a checkpoint of the other kind cannot
+  resume this script's run (the CLIs' ``check_checkpoint`` hooks add the remedy).
 * ``restore_training_state(path, state, model, optimizer, stepper, world_size)``: weights,
   optimizer and stepper back in place (no RNG state: the training loop reseeds every RNG per
   micro-batch, and augmentations are seeded per sample, whatever ``--num_workers``); a resumed run
@@ -46,6 +49,8 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?\.pth$")
 REQUIRED_KEYS = ("model", "epoch")
 TRAINING_KEYS = (*REQUIRED_KEYS, "optimizer")  # what resuming a training run reads
+PRETRAINING, FINE_TUNING, UNKNOWN_KIND = "pretraining", "fine-tuning", "unknown"
+WRITTEN_BY = {PRETRAINING: "pretrain.py", FINE_TUNING: "finetune.py"}
 
 
 class CheckpointError(RuntimeError):
@@ -209,6 +214,33 @@ def find_resume_checkpoint(args, info) -> Optional[tuple[str, dict[str, Any]]]:
     if path is None:
         return None
     return str(path), load_checkpoint(path, TRAINING_KEYS)
+
+
+def checkpoint_kind(state: Mapping[str, Any]) -> str:
+    """What trained the checkpoint ``state``, from the tensor names of its "model" (or of ``state``
+    itself): "pretraining" for an FCMAE (``mask_token``, ``encoder.*``: pretrain.py's checkpoints and
+    the official pretraining code's), "fine-tuning" for a classifier (``head.fc.weight``:
+    finetune.py's; ``head.weight``: the official fine-tuned layout), else "unknown" (e.g. an
+    encoder alone)."""
+    weights = state.get("model", state)
+    names = set(weights) if isinstance(weights, Mapping) else set()
+    if "mask_token" in names or any(name.startswith("encoder.") for name in names):
+        return PRETRAINING
+    if names & {"head.fc.weight", "head.weight"}:
+        return FINE_TUNING
+    return UNKNOWN_KIND
+
+
+def other_kind_problem(path: str | os.PathLike, state: Mapping[str, Any], expected: str,
+                       resumed: bool) -> Optional[str]:
+    """None if the checkpoint at ``path`` is an ``expected`` one (or of unknown kind); else the start
+    of a one-line error: what the file is, and that the ``expected`` script cannot resume it.
+    ``resumed``: the user named the file with --resume (else --auto_resume found it in --output_dir)."""
+    kind = checkpoint_kind(state)
+    if kind in (expected, UNKNOWN_KIND):
+        return None
+    where = f"--resume {path} is" if resumed else f"--output_dir holds {path} (found by --auto_resume),"
+    return f"{where} a {kind} checkpoint (written by {WRITTEN_BY[kind]}), which {WRITTEN_BY[expected]} cannot resume"
 
 
 def restore_training_state(path: str, state: Mapping[str, Any], model: torch.nn.Module,
