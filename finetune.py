@@ -1,11 +1,11 @@
 """Supervised fine-tuning of ConvNeXt V2 from FCMAE (or any) weights, on one process or many.
 
     python finetune.py                     # no arguments: a short CPU demo on embedded photos
-    python finetune.py --config configs/finetune_atto.yaml --finetune output/pretrain/encoder.safetensors \\
+    python finetune.py --config configs/finetune_atto.yaml --finetune output/pretrain_atto/encoder.safetensors \\
         --data_path /data/imagenet --update_freq 32
     torchrun --nproc_per_node=8 finetune.py --config configs/finetune_base.yaml --update_freq 4 \\
         --finetune convnextv2_base_1k_224_fcmae.pt --data_path /data/imagenet --dist_eval
-    python finetune.py --eval --model convnextv2_atto --resume output/finetune/checkpoint-best-ema.pth \\
+    python finetune.py --eval --resume output/finetune_atto/checkpoint-best-ema.pth \\
         --data_path /data/imagenet
 
 Recipes (configs/finetune_<size>.yaml): AdamW, lr = blr * effective batch / 256 with per-update
@@ -16,7 +16,8 @@ number of class folders). Rerunning a command resumes from the newest valid chec
 ``--output_dir`` (``--auto_resume``, on by default), mid-epoch ones included; SIGTERM / SIGUSR1
 checkpoint at the next optimizer update and exit with code 3 (engine.runner).
 
-Writes to --output_dir (rank 0): config.yaml, train.log, metrics.jsonl (one JSON object per
+Writes to --output_dir (output/finetune; the demo: output/finetune_demo; --config configs/finetune_<size>.yaml:
+output/finetune_<size>), on rank 0: config.yaml, train.log, metrics.jsonl (one JSON object per
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), checkpoint-<epoch>-<updates>.pth
 inside epochs (--save_ckpt_steps / --save_ckpt_minutes), checkpoint-best.pth and
 checkpoint-best-ema.pth (weights of the best top-1 epoch, loadable with --finetune / --resume /

@@ -3,7 +3,7 @@
     python pretrain.py                     # no arguments: a few-minute CPU demo on embedded photos
     python pretrain.py --config configs/pretrain_atto.yaml --data_path /data/imagenet --update_freq 16
     torchrun --nproc_per_node=8 pretrain.py --config configs/pretrain_base.yaml \\
-        --data_path /data/imagenet --output_dir out/pretrain_base
+        --data_path /data/imagenet
     # several nodes: add --nnodes=N --node_rank=R --rdzv_endpoint=HOST:PORT to torchrun
 
 Effective batch = batch_size * update_freq * world_size (the recipe uses 4096); the lr is
@@ -11,7 +11,8 @@ blr * effective batch / 256 unless --lr is given. Rerunning the same command res
 newest valid checkpoint in --output_dir (--auto_resume, on by default), mid-epoch ones included.
 SIGTERM / SIGUSR1 checkpoint at the next optimizer update and exit with code 3 (engine.runner).
 
-Writes to --output_dir (rank 0 only): config.yaml, train.log, metrics.jsonl (one JSON object per
+Writes to --output_dir (output/pretrain; the demo: output/pretrain_demo; --config configs/pretrain_<size>.yaml:
+output/pretrain_<size>), on rank 0: config.yaml, train.log, metrics.jsonl (one JSON object per
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num) and checkpoint-<epoch>-<updates>.pth
 inside epochs (--save_ckpt_steps / --save_ckpt_minutes), encoder.safetensors (encoder weights
 with timm names, for finetune.py or timm) and reconstruction.png (python -m fcmae.visualize redraws it

@@ -224,7 +224,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                            "there (PIL draft mode): the same crops, less decoding and resizing work")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", type=str, default="./output", help="checkpoints, logs, exports")
+    run.add_argument("--output_dir", type=str, default="./output",
+                     help="checkpoints, logs, exports; the demo and the configs/ files set their own")
     run.add_argument("--log_dir", type=str, default=None,
                      help="TensorBoard folder (default: <output_dir>/tensorboard)")
     run.add_argument("--resume", type=optional_path, default=None,

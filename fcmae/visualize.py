@@ -14,7 +14,7 @@ model saw. A legend under the grid says so.
 
 CLI (needs a full pretraining checkpoint: the decoder is not in ``encoder.safetensors``)::
 
-    python -m fcmae.visualize --checkpoint output/pretrain/checkpoint-800.pth --output recon.png
+    python -m fcmae.visualize --checkpoint output/pretrain_demo/checkpoint-8.pth --output recon.png
     python -m fcmae.visualize --checkpoint CKPT --images photo.jpg more_photos/ --seed 1 --output recon.png
 
 Without ``--images`` it draws the run's own picture: the images of its ``--data_path`` (or the
