@@ -1,7 +1,9 @@
 """Command-line configuration shared by ``pretrain.py`` and ``finetune.py``.
 
 * ``TrainingArgumentParser``: argparse whose errors are the error lines alone (program, errors,
-  a pointer to ``-h``; exit code 2) and whose help states each default once.
+  a pointer to ``-h``; exit code 2) and whose help states each default once. Flags may be typed
+  with dashes (``--data-path``, ``--no-norm-pix-loss``: ``canonical_flags``); an unknown flag gets
+  the closest known one as a hint.
 * ``add_training_arguments(parser)``: the flags both scripts share (official names where the
   official code has them); each script then ``parser.set_defaults(...)`` with its own recipe.
   Every boolean flag uses ``BooleanFlag``: ``--flag``, ``--no-flag`` and ``--flag True/False``
@@ -83,6 +85,38 @@ class TrainingArgumentParser(argparse.ArgumentParser):
                 group.add_argument(*flag.names, dest=flag.dest, type=flag.type, nargs=flag.nargs,
                                    default=argparse.SUPPRESS, help=flag.reason)
         self.official_flags += tuple(flags)
+
+    def canonical_flags(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` with each flag typed with dashes where this parser's spelling has underscores
+        written this parser's way: ``--data-path`` -> ``--data_path``, ``--no-norm-pix-loss`` ->
+        ``--no-norm_pix_loss`` (also in ``--flag=value``). Flags this parser knows as typed (e.g.
+        ``--local-rank``), values, and everything after ``--`` stay as they are."""
+        canonical = []
+        for index, token in enumerate(argv):
+            if token == "--":
+                return canonical + list(argv[index:])
+            flag, equals, value = token.partition("=")
+            if flag.startswith("--") and flag not in self._option_string_actions:
+                spellings = ["--" + flag[2:].replace("-", "_")]
+                if flag.startswith("--no-"):
+                    spellings.append("--no-" + flag[5:].replace("-", "_"))
+                flag = next((spelling for spelling in spellings if spelling in self._option_string_actions), flag)
+            canonical.append(flag + equals + value)
+        return canonical
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace=None):
+        return super().parse_known_args(self.canonical_flags(sys.argv[1:] if args is None else args), namespace)
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error("unrecognized arguments: " + " ".join(map(self._with_hint, unknown)))
+        return parsed
+
+    def _with_hint(self, token: str) -> str:
+        flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
+        close = difflib.get_close_matches(token.partition("=")[0], flags, n=1) if token.startswith("--") else []
+        return f"{token} (did you mean {close[0]}?)" if close else token
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: run `{self.prog} -h` for the flags and defaults\n")

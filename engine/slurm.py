@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from .checkpoint import checkpoint_paths
+from .config import DefaultsOnceHelpFormatter, TrainingArgumentParser
 
 MAX_TIMEOUT_REQUEUES = 30  # time-limit requeues before the job is left to end (as the official launcher)
 SIGNAL_DELAY_S = 120  # submitit's signal this long before the time limit: time to finish a step and save
@@ -62,7 +63,7 @@ NODE_CHECKED_FLAGS = ("--device",)  # checked on the compute nodes: the login no
 def build_launcher_parser() -> argparse.ArgumentParser:
     """The launcher's own flags (the official submitit_*.py ones, plus --cluster, --tasks_per_node,
     --cpus_per_task, --mem_gb); everything else is a training flag."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = TrainingArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group("Slurm job (submitit)")
     group.add_argument("--nodes", type=int, default=1, help="nodes to request")
     group.add_argument("--ngpus", type=int, default=8, help="GPUs per node; one task (process) per GPU")
@@ -198,11 +199,13 @@ def plan_job(script: str | os.PathLike, build_parser: Callable[[], argparse.Argu
     if "-h" in argv or "--help" in argv:
         argparse.ArgumentParser(prog=Path(sys.argv[0]).name, parents=[launcher, build_parser()], add_help=False,
                                 description=f"Submit {Path(script).name} as a Slurm job through submitit.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter).print_help()
+                                formatter_class=DefaultsOnceHelpFormatter).print_help()
         sys.exit(0)
     launch_args, training_argv = launcher.parse_known_args(argv)
     check_launcher_flags(launch_args, launcher)
-    training = parse_and_validate(build_parser(), training_argv,
+    training_parser = build_parser()
+    training_argv = training_parser.canonical_flags(training_argv)  # --output-dir is --output_dir below
+    training = parse_and_validate(training_parser, training_argv,
                                   [check for check in checks if check.flag not in NODE_CHECKED_FLAGS])
     output_dir = training.output_dir if given_on_command_line(training_argv, "--output_dir") else launch_args.job_dir
     return launch_args, SlurmTraining(str(Path(script).resolve()), training_argv, str(Path(output_dir).absolute()))

@@ -252,3 +252,37 @@ def test_resolution_fills_only_what_was_left_to_the_machine(restore_fp32_precisi
     args = parse_args(make_parser(), [])
     resolve_hardware_defaults(args, "cpu", 1, cpus=2)
     assert (args.amp, args.num_workers, args.pin_mem) == ("none", 1, False)
+
+
+@pytest.mark.parametrize("cli", list(CLIS))
+def test_every_flag_typed_with_dashes_is_read_as_the_flag(cli):
+    parser = CLIS[cli].build_parser()
+    flags = [flag for flag in parser._option_string_actions if flag.startswith("--") and "_" in flag]
+    assert len(flags) > 40
+    for flag in flags:
+        dashed = "--" + flag[2:].replace("_", "-")
+        canonical, value = parser.canonical_flags([dashed, "a_b-c"])
+        assert parser._option_string_actions[canonical] is parser._option_string_actions[flag], dashed
+        assert value == "a_b-c"
+        assert parser.canonical_flags([f"{dashed}=1"]) == [f"{canonical}=1"], dashed
+
+
+def test_dashed_flags_parse_like_the_official_spelling_and_stay_literal_after_double_dash(tmp_path):
+    config = write_yaml(tmp_path, {"epochs": 3})
+    args = parse_args(pretrain.build_parser(), [
+        "--config", config, "--data-path", str(tmp_path), "--input-size=96", "--no-norm-pix-loss", "--use-checkpoint",
+        "--local-rank", "2", "--mask-ratio", "0.5"])
+    assert (args.data_path, args.input_size, args.norm_pix_loss, args.grad_checkpointing, args.mask_ratio,
+            args.epochs) == (str(tmp_path), 96, False, True, 0.5, 3)
+    assert args.set_by_user >= {"data_path", "input_size", "norm_pix_loss", "grad_checkpointing", "mask_ratio"}
+    assert pretrain.build_parser().canonical_flags(["--", "--data-path"]) == ["--", "--data-path"]
+
+
+def test_an_unknown_flag_names_the_closest_known_one(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(finetune_cli.build_parser(), ["--layer_decay_tipe", "single", "--model-emma"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "unrecognized arguments: --layer_decay_tipe (did you mean --layer_decay_type?) single --model-emma " \
+           "(did you mean --model_ema?)" in error
+    assert "usage:" not in error

@@ -44,6 +44,14 @@ def test_output_dir_on_the_command_line_wins_over_the_job_dir(tmp_path):
     assert training.output_dir == str(tmp_path / "out")
 
 
+def test_launcher_and_training_flags_typed_with_dashes_are_read_as_the_flags(tmp_path):
+    launch, training = plan(["--cluster", "local", "--job-dir", str(tmp_path / "job"), "--cpus-per-task", "3",
+                             "--output-dir", str(tmp_path / "out"), "--no-norm-pix-loss"])
+    assert (launch.job_dir, launch.cpus_per_task) == (str(tmp_path / "job"), 3)
+    assert training.output_dir == str(tmp_path / "out"), "--output-dir is the run's --output_dir"
+    assert training.argv == ["--output_dir", str(tmp_path / "out"), "--no-norm_pix_loss"]
+
+
 def test_a_bad_training_flag_stops_the_launcher_before_anything_is_submitted(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         plan(["--cluster", "local", "--job_dir", str(tmp_path), "--model", "convnextv2_giant"])
