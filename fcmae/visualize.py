@@ -27,7 +27,6 @@ the sorted file list (folders are searched recursively, ImageFolder order), each
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -37,6 +36,7 @@ from typing import Optional
 
 import models
 import torch
+from engine.config import BooleanFlag, Check, TrainingArgumentParser, validate
 from PIL import Image, ImageDraw, ImageFont
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
@@ -350,8 +350,8 @@ def _minkowski_installed() -> bool:
     return importlib.util.find_spec("MinkowskiEngine") is not None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> TrainingArgumentParser:
+    parser = TrainingArgumentParser(
         prog="python -m fcmae.visualize",
         description="Reconstruction picture of a pretraining checkpoint (the run's own images, or --images).",
         epilog="Unset options take the values saved in the checkpoint.",
@@ -365,11 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask_ratio", type=float, default=None, help="fraction hidden (default: the run's)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the mask (default: the run's --seed)")
     parser.add_argument("--max_images", type=int, default=VISUAL_IMAGES, help="rows of the picture")
-    parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--norm_pix_loss", action=BooleanFlag, default=None,
                         help="how predictions are un-normalised (default: as the run was trained)")
     parser.add_argument("--backend", choices=list(models.BACKENDS), default=None, help="default: the run's")
     parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: CUDA, then MPS, then CPU)")
     return parser
+
+
+VISUALIZE_CHECKS = (  # on the values in use: given, or the checkpoint's
+    Check("--output", lambda a: Path(a.output).suffix.lower() == ".png", "the file name must end in .png"),
+    Check("--input_size", lambda a: a.input_size >= 32 and a.input_size % 32 == 0,
+          "must be a multiple of 32 (the FCMAE patch size), e.g. 224"),
+    Check("--mask_ratio", lambda a: 0.0 <= a.mask_ratio < 1.0, "must be in [0, 1): the fraction of patches hidden"),
+    Check("--max_images", lambda a: a.max_images >= 1, "must be >= 1 (rows of the picture)"),
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -381,16 +390,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        if Path(args.output).suffix.lower() != ".png":
-            raise ValueError(f"--output {args.output}: the file name must end in .png")
         device = choose_device(args.device)
         model, config = load_fcmae(args.checkpoint, args.model, args.backend, args.norm_pix_loss)
-        input_size = args.input_size or config.get("input_size", 224)
-        mask_ratio = config.get("mask_ratio", 0.6) if args.mask_ratio is None else args.mask_ratio
+        input_size = args.input_size = args.input_size or config.get("input_size", 224)
+        mask_ratio = args.mask_ratio = config.get("mask_ratio", 0.6) if args.mask_ratio is None else args.mask_ratio
         seed = config.get("seed", 0) if args.seed is None else args.seed
-        if input_size % 32 or not 0.0 <= mask_ratio < 1.0 or args.max_images < 1:
-            raise ValueError(f"--input_size {input_size} must be a multiple of 32, --mask_ratio {mask_ratio} in "
-                             f"[0, 1) and --max_images {args.max_images} at least 1")
+        validate(args, VISUALIZE_CHECKS)
         if args.images is not None:
             source, described = image_paths(args.images), " ".join(args.images)
         elif config.get("data_path"):

@@ -165,3 +165,36 @@ def test_cli_redraws_the_embedded_photo_picture_of_a_run_without_data_path(tmp_p
     main(["--checkpoint", str(output / "checkpoint-1.pth"), "--output", str(tmp_path / "redrawn.png"),
           "--device", "cpu"])
     np.testing.assert_array_equal(pixels(tmp_path / "redrawn.png"), pixels(output / "reconstruction.png"))
+
+
+def test_cli_reports_each_bad_value_on_its_own_line_without_a_usage_block(pretrained_run, tmp_path, capsys):
+    _, output = pretrained_run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(output / "checkpoint-1.pth"), "--output", str(tmp_path / "x.jpg"),
+              "--input_size", "100", "--mask_ratio", "1.5", "--max_images", "0", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    lines = error.splitlines()
+    for line in ("  --output '" + str(tmp_path / "x.jpg") + "': the file name must end in .png",
+                 "  --input_size 100: must be a multiple of 32 (the FCMAE patch size), e.g. 224",
+                 "  --mask_ratio 1.5: must be in [0, 1): the fraction of patches hidden",
+                 "  --max_images 0: must be >= 1 (rows of the picture)"):
+        assert line in lines, error
+    assert "usage:" not in error
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_runs_the_model_without_building_an_autograd_graph(pretrained_run, tmp_path, monkeypatch):
+    _, output = pretrained_run
+    predictions = []
+    forward = fcmae.FCMAE.forward
+
+    def recording_forward(self, *args, **kwargs):
+        loss, pred, mask = forward(self, *args, **kwargs)
+        predictions.append(pred)
+        return loss, pred, mask
+
+    monkeypatch.setattr(fcmae.FCMAE, "forward", recording_forward)
+    main(["--checkpoint", str(output / "checkpoint-1.pth"), "--output", str(tmp_path / "x.png"), "--device", "cpu"])
+    assert len(predictions) == 1
+    assert predictions[0].grad_fn is None and not predictions[0].requires_grad, "the forward kept an autograd graph"
