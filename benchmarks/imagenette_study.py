@@ -60,6 +60,7 @@ from torchvision.transforms import v2  # noqa: E402
 
 import fcmae  # noqa: E402
 from engine.checkpoint import atomic_write, save_safetensors  # noqa: E402
+from engine.config import DefaultsOnceHelpFormatter  # noqa: E402
 from engine.data import ImageFolderSkippingUnreadable, resolve_image_root  # noqa: E402
 from engine.logging import format_duration, setup_logging  # noqa: E402
 from engine.loop import GradientStepper, train_one_epoch  # noqa: E402
@@ -415,8 +416,7 @@ def plot_losses(losses: Sequence[float], updates_per_epoch: int, path: Path) -> 
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsOnceHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None,
                         help=f"folder with train/ and val/ class folders (default: {DEFAULT_DATA_ROOT}; "
                              "with --smoke: a synthetic folder)")

@@ -28,6 +28,7 @@ from torch.autograd.profiler import record_function  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.pretrain_speed import MODES, TrainingStep, machine_info, resolve_backends_and_device  # noqa: E402
+from engine.config import DefaultsOnceHelpFormatter  # noqa: E402
 from models import check_model_name  # noqa: E402
 from models.sparse_encoder import TOTAL_STRIDE  # noqa: E402
 
@@ -36,8 +37,7 @@ SMOKE = dict(model="atto", input_size=64, batch_size=2, steps=1, warmup=0, top=5
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsOnceHelpFormatter)
     parser.add_argument("--model", default="atto", help="size (atto, tiny, ...) or convnextv2_<size> name")
     parser.add_argument("--input-size", type=int, default=224, help="a multiple of 32")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -12,7 +12,6 @@ CLI (linear probe and k-NN top-1 of a frozen encoder; no --data_path: the embedd
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import models
+from engine.config import TrainingArgumentParser
 from engine.distributed import choose_device
 from engine.logging import setup_logging
 from engine.schedule import build_lr_scheduler
@@ -93,12 +93,11 @@ def probe_accuracy(probe: LinearProbe, features: torch.Tensor, labels: torch.Ten
     return 100.0 * (probe(features.float()).argmax(1) == labels).float().mean().item()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> TrainingArgumentParser:
+    parser = TrainingArgumentParser(
         prog="python -m finetune.linear_probe",
         description="Representation quality of a frozen encoder: linear probe and k-NN top-1 on pooled features "
                     "(no --data_path: the embedded photos).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="convnextv2_atto", help="convnextv2_<atto|...|huge>")
     parser.add_argument("--checkpoint", default=None,
