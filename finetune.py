@@ -37,7 +37,7 @@ from engine.checkpoint import FINE_TUNING, atomic_write, latest_valid_checkpoint
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, config_dict, optional_path, parse_bool)
-from engine.data import build_loader
+from engine.data import build_loader, to_device
 from engine.distributed import DistributedInfo
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
@@ -199,8 +199,7 @@ def make_loss_fn(mixup_fn, criterion, device: torch.device):
     """Classification loss on a micro-batch (Mixup/CutMix applied first when on)."""
 
     def classification_loss(model, batch, step: Step):
-        images = batch[0].to(device, non_blocking=True)
-        targets = batch[1].to(device, non_blocking=True)
+        images, targets = to_device(batch[0], device), to_device(batch[1], device)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         return criterion(model(images), targets), {}

@@ -34,7 +34,7 @@ from engine.checkpoint import PRETRAINING, other_kind_problem, save_safetensors
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, optional_path)
-from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, pretrain_transform
+from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, pretrain_transform, to_device
 from engine.distributed import DistributedInfo
 from engine.logging import TensorBoardWriter
 from engine.loop import Step
@@ -111,7 +111,7 @@ def make_loss_fn(args: argparse.Namespace, rank: int, device: torch.device):
     """FCMAE loss on a micro-batch; the mask is drawn on ``device``, seeded by (seed, epoch, iteration, rank)."""
 
     def fcmae_loss(model, batch, step: Step):
-        images = batch[0].to(device, non_blocking=True)
+        images = to_device(batch[0], device)
         num_cells = (images.shape[2] // 32) * (images.shape[3] // 32)
         mask_rng = generator(derive_seed(args.seed, step.epoch, step.iteration, rank), device)
         mask = fcmae.random_masking(images.shape[0], num_cells, args.mask_ratio, generator=mask_rng, device=device)

@@ -22,6 +22,7 @@
   shuffle per epoch, also for one process; ``sampler.set_epoch(epoch, skip)`` starts mid-epoch)
   feeding ``SampleSeededDataset``, so every sample's augmentation depends only on
   ``(seed, epoch, index)``; persistent workers. Evaluation: a plain ``DistributedSampler``.
+* ``to_device(tensor, device)``: a batch's copy to the device, asynchronous only from pinned memory.
 """
 from __future__ import annotations
 
@@ -439,6 +440,15 @@ def build_loader(
                       pin_memory=pin_memory, drop_last=True,
                       generator=torch.Generator().manual_seed(seed),  # worker base seeds: not from the global RNG
                       **workers_kwargs)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``, copied without blocking the host only from pinned memory (a loader
+    with ``pin_memory``): from pageable memory a non-blocking copy gains nothing and, on some
+    backends, races with the host reusing the buffer. Never asks a CPU run's tensor whether it is
+    pinned (which can start a CUDA context)."""
+    non_blocking = torch.device(device).type != "cpu" and tensor.is_pinned()
+    return tensor.to(device, non_blocking=non_blocking)
 
 
 def shutdown_workers(loader: DataLoader) -> None:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from engine.data import UNREADABLE_TARGET
+from engine.data import UNREADABLE_TARGET, to_device
 from engine.loop import amp_autocast
 
 
@@ -44,11 +44,13 @@ def evaluate(
         seen += len(targets)
         if keep == 0:
             continue
-        readable = targets[:keep] != UNREADABLE_TARGET  # an unreadable file is left out, not guessed
-        if not readable.any():
-            continue
-        images = images[:keep][readable].to(device, non_blocking=True)
-        targets = targets[:keep][readable].to(device, non_blocking=True)
+        images, targets = images[:keep], targets[:keep]  # views: still in the loader's (pinned) memory
+        readable = targets != UNREADABLE_TARGET  # an unreadable file is left out, not guessed
+        if not readable.all():
+            if not readable.any():
+                continue
+            images, targets = images[readable], targets[readable]
+        images, targets = to_device(images, device), to_device(targets, device)
         with amp_autocast(device.type, amp):
             logits = model(images)
         logits = logits.float()

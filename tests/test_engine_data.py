@@ -1,4 +1,6 @@
-"""engine.data: folders with bad files, colour conversion, embedded photos, reproducible resumable loaders."""
+"""engine.data: folders with bad files, colour conversion, embedded photos, reproducible resumable loaders,
+copies to the device."""
+import argparse
 import logging
 import random
 
@@ -6,12 +8,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from engine.config import ConfigError
 from engine.data import (EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, ImageFolderSkippingUnreadable, UnreadableDatasetError,
-                         build_image_folder, build_loader, pretrain_transform, resolve_image_root, to_rgb)
+                         build_image_folder, build_loader, pretrain_transform, resolve_image_root, to_device, to_rgb)
+import fcmae
+import pretrain
+from finetune.evaluate import evaluate
 from finetune.transforms import build_train_transform
+from finetune_helpers import load_finetune_script
 from image_folders import make_image_folder
 
 
@@ -198,3 +205,52 @@ def test_skip_beyond_the_epoch_is_an_error():
     loader = build_loader(IndexedImages(lambda image: 0), batch_size=2, num_workers=0, seed=0)
     with pytest.raises(ValueError, match=r"skip must lie in \[0, 12\]"):
         loader.sampler.set_epoch(0, skip=13)
+
+
+class HostBatch:
+    """Stands in for a host tensor: ``is_pinned()`` as given; records each ``.to`` call."""
+
+    def __init__(self, pinned: bool):
+        self.pinned, self.copies = pinned, []
+
+    def is_pinned(self) -> bool:
+        return self.pinned
+
+    def to(self, device, non_blocking=False):
+        self.copies.append((str(device), non_blocking))
+        return self
+
+
+@pytest.mark.parametrize("pinned, device, non_blocking", [(True, "cuda", True), (False, "cuda", False),
+                                                          (True, "cuda:1", True), (True, "cpu", False)])
+def test_batches_are_copied_without_blocking_only_from_pinned_memory(pinned, device, non_blocking):
+    batch = HostBatch(pinned)
+    assert to_device(batch, device) is batch
+    assert batch.copies == [(device, non_blocking)]
+
+
+class NonBlockingCopies(TorchFunctionMode):
+    """Counts ``tensor.to(..., non_blocking=True)`` calls on tensors that are not pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.unpinned = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and kwargs.get("non_blocking") and not args[0].is_pinned():
+            self.unpinned += 1
+        return func(*args, **kwargs)
+
+
+def test_evaluation_and_both_training_losses_never_copy_unpinned_batches_non_blocking():
+    images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2))
+    pretrain_loss = pretrain.make_loss_fn(argparse.Namespace(seed=0, mask_ratio=0.6), 0, torch.device("cpu"))
+    finetune_loss = load_finetune_script().make_loss_fn(None, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    step = argparse.Namespace(epoch=0, iteration=0, update=0)
+    with NonBlockingCopies() as copies:
+        evaluate(model, DataLoader(TensorDataset(images, labels), batch_size=2))
+        finetune_loss(model, (images, labels), step)
+        pretrain_loss(fcmae.build_fcmae("convnextv2_atto", decoder_dim=32), (images, labels), step)
+    assert copies.unpinned == 0

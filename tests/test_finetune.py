@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import fcmae
 import models
 from engine.config import ConfigError, parse_args, validate
+from engine.data import UNREADABLE_TARGET
 from engine.loop import GradientStepper
 from finetune.data import build_datasets, check_same_classes
 from engine.ema import EmaGradientStepper, build_model_ema
@@ -178,6 +179,16 @@ def test_top1_top5_and_loss_on_known_logits():
     assert results["acc5"] == pytest.approx(75.0)
     assert results["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item())
     assert results["count"] == 4
+
+
+def test_unreadable_images_are_left_out_of_every_count():
+    logits = torch.tensor([[5.0, 0], [5.0, 0], [0, 5.0], [0, 5.0], [5.0, 0], [0, 5.0]])
+    labels = torch.tensor([0, UNREADABLE_TARGET, UNREADABLE_TARGET, UNREADABLE_TARGET, 1, 1])
+    results = evaluate(FixedLogits(logits), DataLoader(TensorDataset(torch.arange(6), labels), batch_size=2))
+    assert results["count"] == 3  # batches: one readable of two, none, both
+    assert results["acc1"] == pytest.approx(200 / 3)
+    readable = torch.tensor([0, 4, 5])
+    assert results["loss"] == pytest.approx(nn.functional.cross_entropy(logits[readable], labels[readable]).item())
 
 
 def test_distributed_shards_count_every_image_once_despite_padding():
