@@ -23,7 +23,8 @@
   failure names the flag, the value and the fix, and all failures are reported together, each
   flag once. ``TRAINING_CHECKS`` covers the shared flags; every float flag must also be finite.
 * ``resolve_hardware_defaults(args, device, local_world_size)``: the ``auto`` defaults (``--amp``,
-  ``--num_workers``, ``--pin_mem``) for this machine, and TF32 for FP32 math on CUDA.
+  ``--num_workers``, ``--pin_mem``) for this machine, and TF32 for FP32 math on CUDA; the workers
+  come from this process's share of the CPUs (``cpu_share``: a Slurm task's own CPUs under Slurm).
 * ``check_output_folders(args)``: creates ``--output_dir`` (and ``--log_dir``) and probes that a
   file can be written there, so an unusable folder fails at start, not at the first checkpoint.
 * ``save_config(args, path, derived)``: the resolved configuration as YAML (reloadable with
@@ -35,6 +36,7 @@ import argparse
 import difflib
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -250,7 +252,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                       help="random crops per epoch from the embedded photos (only without --data_path)")
     data.add_argument("--num_workers", type=int, default=None,
                       help="DataLoader worker processes per process (default: the CPUs available to each "
-                           f"process on this node minus one, at most {MAX_DEFAULT_WORKERS})")
+                           "process on this node, or in its Slurm task with --cpus-per-task, minus one, at most "
+                           f"{MAX_DEFAULT_WORKERS})")
     data.add_argument("--pin_mem", action=BooleanFlag, default=None,
                       help="pinned host memory for batches (default: on with CUDA, else off)")
     data.add_argument("--fast_decode", action=BooleanFlag, default=False,
@@ -568,11 +571,43 @@ def available_cpus() -> int:
 
 
 def default_num_workers(cpus: int, local_world_size: int = 1) -> int:
-    """DataLoader workers per process: this process's share of the node's CPUs minus one (the
-    process itself runs the training step and feeds the device), at most MAX_DEFAULT_WORKERS.
-    2 CPUs and one process: 1 worker; 8 GPUs on 96 CPUs: 10 each."""
+    """DataLoader workers per process: this process's share of the ``cpus`` that ``local_world_size``
+    training processes share, minus one (the process itself runs the training step and feeds the
+    device), at most MAX_DEFAULT_WORKERS. 2 CPUs and one process: 1 worker; 8 GPUs on 96 CPUs: 10 each."""
     share = cpus // max(local_world_size, 1)
     return max(0, min(share - 1, MAX_DEFAULT_WORKERS))
+
+
+def slurm_tasks_on_this_node() -> Optional[int]:
+    """Tasks of this Slurm job step on this node: ``SLURM_STEP_TASKS_PER_NODE`` (else
+    ``SLURM_TASKS_PER_NODE``), e.g. "4(x2),2" (4 on each of nodes 0 and 1, 2 on node 2), at
+    ``SLURM_NODEID``; None outside Slurm or if unreadable."""
+    layout = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or ""
+    per_node: list[int] = []
+    for part in filter(None, layout.split(",")):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            return None
+        per_node += [int(match.group(1))] * int(match.group(2) or 1)
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    return per_node[node] if node < len(per_node) else None
+
+
+def cpu_share(affinity_cpus: int, local_world_size: int) -> tuple[int, int, str]:
+    """(CPUs, training processes sharing them, what the CPUs are) for ``default_num_workers``.
+
+    In a Slurm task with ``--cpus-per-task`` (``SLURM_CPUS_PER_TASK``; submitit's
+    ``--cpus_per_task``): the task's CPUs (at most ``affinity_cpus``), shared by the training
+    processes the task runs: one when each task is a process (submitit, ``srun``), all of them when
+    one task runs torchrun (``local_world_size`` over the node's tasks). Slurm usually binds a task
+    to its CPUs, so dividing the affinity mask by the node's processes would count them twice.
+    Elsewhere: the affinity mask, shared by the node's ``local_world_size`` processes."""
+    task_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if not task_cpus.isdigit():
+        return affinity_cpus, local_world_size, "on this node"
+    tasks = slurm_tasks_on_this_node() or 1
+    processes = max(1, -(-local_world_size // tasks))  # ceil: torchrun in a task runs several
+    return min(int(task_cpus), affinity_cpus), processes, "of this Slurm task"
 
 
 def default_amp(device: torch.device | str, bf16_supported: Optional[bool] = None) -> str:
@@ -594,9 +629,9 @@ def resolve_hardware_defaults(
     bf16_supported: Optional[bool] = None,
 ) -> list[str]:
     """Replace the machine-dependent defaults in ``args`` once the device is known: ``--amp auto``
-    (``default_amp``), ``--num_workers`` not given (``default_num_workers`` from ``cpus``,
-    default ``available_cpus()``, and ``local_world_size``, default torchrun's LOCAL_WORLD_SIZE
-    or 1), ``--pin_mem`` not given (on with CUDA). On CUDA also allow
+    (``default_amp``), ``--num_workers`` not given (``default_num_workers`` over ``cpu_share`` of
+    ``cpus``, this process's affinity mask, default ``available_cpus()``, and ``local_world_size``,
+    default torchrun's LOCAL_WORLD_SIZE or 1), ``--pin_mem`` not given (on with CUDA). On CUDA also allow
     TF32 for FP32 matmuls and convolutions (what ``--amp none`` then computes in). Returns one
     line per value chosen here, for the log."""
     device = torch.device(device)
@@ -605,12 +640,12 @@ def resolve_hardware_defaults(
         args.amp = default_amp(device, bf16_supported)
         chosen.append(f"--amp {args.amp} (auto on {device.type})")
     if args.num_workers is None:
-        cpus = available_cpus() if cpus is None else cpus
         if local_world_size is None:
             local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        args.num_workers = default_num_workers(cpus, local_world_size)
-        chosen.append(f"--num_workers {args.num_workers} ({cpus} CPUs, {local_world_size} training processes "
-                      "on this node)")
+        cpus, processes, where = cpu_share(available_cpus() if cpus is None else cpus, local_world_size)
+        args.num_workers = default_num_workers(cpus, processes)
+        chosen.append(f"--num_workers {args.num_workers} ({cpus} CPUs, {processes} training "
+                      f"process{'' if processes == 1 else 'es'} {where})")
     if args.pin_mem is None:
         args.pin_mem = device.type == "cuda"
         chosen.append(f"--pin_mem {args.pin_mem}")

@@ -9,7 +9,8 @@ import yaml
 import pretrain
 from engine.config import (TRAINING_CHECKS, BooleanFlag, Check, ConfigError, DefaultsOnceHelpFormatter,
                            add_training_arguments, config_dict, default_amp, default_num_workers,
-                           load_yaml_defaults, parse_args, resolve_hardware_defaults, save_config, validate)
+                           load_yaml_defaults, parse_args, resolve_hardware_defaults, save_config,
+                           slurm_tasks_on_this_node, validate)
 from finetune_helpers import load_finetune_script
 
 finetune_cli = load_finetune_script()
@@ -238,7 +239,13 @@ def restore_fp32_precision():
     torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 
 
-def test_resolution_fills_only_what_was_left_to_the_machine(restore_fp32_precision, monkeypatch):
+@pytest.fixture
+def outside_slurm(monkeypatch):
+    for name in ("SLURM_CPUS_PER_TASK", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_resolution_fills_only_what_was_left_to_the_machine(restore_fp32_precision, monkeypatch, outside_slurm):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     args = parse_args(make_parser(), [])
     lines = resolve_hardware_defaults(args, "cuda:1", cpus=96, bf16_supported=True)
@@ -286,3 +293,35 @@ def test_an_unknown_flag_names_the_closest_known_one(capsys):
     assert "unrecognized arguments: --layer_decay_tipe (did you mean --layer_decay_type?) single --model-emma " \
            "(did you mean --model_ema?)" in error
     assert "usage:" not in error
+
+
+@pytest.mark.parametrize("environment, local_world_size, affinity, workers, line", [
+    # submitit: one task per GPU, 10 CPUs each, Slurm binds each task to its own 10
+    ({"SLURM_CPUS_PER_TASK": "10", "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}, 8, 10, 9,
+     "--num_workers 9 (10 CPUs, 1 training process of this Slurm task)"),
+    # the same job without CPU binding: every task sees the whole node, still uses its 10
+    ({"SLURM_CPUS_PER_TASK": "10", "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "0"}, 8, 96, 9,
+     "--num_workers 9 (10 CPUs, 1 training process of this Slurm task)"),
+    # one task per node running torchrun --nproc_per_node 8 over the task's 64 CPUs
+    ({"SLURM_CPUS_PER_TASK": "64", "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "8"}, 8, 64, 7,
+     "--num_workers 7 (64 CPUs, 8 training processes of this Slurm task)"),
+    ({"SLURM_CPUS_PER_TASK": "2", "SLURM_TASKS_PER_NODE": "1"}, 1, 2, 1,
+     "--num_workers 1 (2 CPUs, 1 training process of this Slurm task)"),
+    ({}, 8, 96, 10, "--num_workers 10 (96 CPUs, 8 training processes on this node)"),
+], ids=["submitit-bound", "submitit-unbound", "torchrun-in-a-task", "small-task", "torchrun-without-slurm"])
+def test_slurm_tasks_get_workers_from_their_own_cpus(monkeypatch, outside_slurm, environment, local_world_size,
+                                                      affinity, workers, line):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
+    args = parse_args(make_parser(), [])
+    assert line in resolve_hardware_defaults(args, "cpu", cpus=affinity)
+    assert args.num_workers == workers
+
+
+@pytest.mark.parametrize("layout, node, tasks", [("8(x2)", "1", 8), ("4(x2),2", "2", 2), ("4(x2),2", "0", 4),
+                                                 ("3", "0", 3), ("3", "1", None), ("", "0", None)])
+def test_slurm_tasks_on_this_node_reads_slurms_layout(monkeypatch, outside_slurm, layout, node, tasks):
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", layout)
+    monkeypatch.setenv("SLURM_NODEID", node)
+    assert slurm_tasks_on_this_node() == tasks
