@@ -36,13 +36,14 @@ from typing import Optional
 
 import models
 import torch
-from engine.config import BooleanFlag, Check, TrainingArgumentParser, validate
 from PIL import Image, ImageDraw, ImageFont
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
+
+from engine.config import BooleanFlag, Check, TrainingArgumentParser, validate
 
 from .masking import random_masking
 from .model import FCMAE, patchify, unpatchify
