@@ -22,8 +22,14 @@
                    marker that torchrun's restarted workers honour.
 * ``runner``       ``launch`` and ``run_training(args, info, task)``: the skeleton both CLIs share;
                    ``Trainer`` holds one run's epochs.
-* ``data``         ImageFolder that skips unreadable files, embedded photos, per-sample seeded and
-                   resumable distributed loaders, fast JPEG decoding.
+* ``image_index``  the paths (and labels) of a dataset's images in a few numpy arrays.
+* ``image_files``  finding images: folders in any layout, class folders, file lists.
+* ``index_cache``  one scan per run (rank 0), reused while the folder is unchanged.
+* ``image_decode`` decoding files for 1, 3 or N channels; what counts as unreadable.
+* ``normalization`` per-channel mean/std: ImageNet's, given, or measured on the data.
+* ``data``         datasets that skip unreadable files (any folder, class folders, file lists),
+                   transforms for N channels, embedded photos, per-sample seeded and resumable
+                   distributed loaders, fast JPEG decoding.
 * ``cli``          parse + validate, and exit codes for faults (2: configuration, 1: the run).
 * ``slurm``        Slurm jobs through submitit: launcher flags, the submitted callable, stop-save-requeue.
 
