@@ -126,13 +126,11 @@ def make_loss_fn(args: argparse.Namespace, rank: int, device: torch.device):
     return fcmae_loss
 
 
-def make_export(args: argparse.Namespace, visuals: tuple[torch.Tensor, torch.Tensor], index_cache: IndexCache):
-    """With each epoch checkpoint: the encoder (timm names) and the reconstruction grid; the first
-    one also saves the data index of a fresh scan for the next run (``IndexCache.save_pending``)."""
+def make_export(args: argparse.Namespace, visuals: tuple[torch.Tensor, torch.Tensor]):
+    """With each epoch checkpoint: the encoder (timm names) and the reconstruction grid."""
 
     def export(model, epochs_done: int, tensorboard: TensorBoardWriter) -> None:
         output_dir = Path(args.output_dir)
-        index_cache.save_pending()
         save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
                          {"model_name": args.model, "format": "timm", "epochs": str(epochs_done)})
         grid = visualize_reconstructions(model, *visuals)
@@ -169,8 +167,9 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
         adamw_betas=ADAMW_BETAS,
         description=f"{args.model} ({args.backend} backend)",
         # python -m fcmae.visualize redraws the same picture from a checkpoint
-        export=make_export(args, fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device),
-                           index_cache) if info.is_main else None,
+        export=make_export(args, fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device))
+        if info.is_main else None,
+        outputs_opened=index_cache.save_pending if info.is_main else None,  # the scan, for the next run
         evaluate=make_knn_evaluation(args, info),
         epoch_summary=lambda record: f"knn_top1 {record['knn_top1']:.2f}%" if "knn_top1" in record else "",
     )

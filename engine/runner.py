@@ -77,7 +77,8 @@ class Task:
     epochs_done)`` returns metrics after each epoch (it may raise ``engine.signals.StopRequested``);
     ``epoch_summary(record)`` adds them to the epoch's log line. ``export(model, epochs_done,
     tensorboard)`` runs on rank 0 with each epoch checkpoint (and once at the end of a run that
-    trained nothing).
+    trained nothing). ``outputs_opened()`` runs once the run has started and ``--output_dir``
+    exists (e.g. to save the scan of the data for the next run).
     """
 
     train_set: Dataset
@@ -94,6 +95,7 @@ class Task:
     evaluate: Optional[Callable[[nn.Module, Optional[nn.Module], int], dict]] = None
     epoch_summary: Callable[[dict], str] = lambda record: ""
     export: Optional[Callable[[nn.Module, int, TensorBoardWriter], None]] = None
+    outputs_opened: Optional[Callable[[], None]] = None
 
 
 @dataclass(frozen=True)
@@ -404,6 +406,8 @@ def run_training(args: argparse.Namespace, info: DistributedInfo, task: Task) ->
     tensorboard, metrics_log = open_outputs(args, info, {
         "world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
         "lr": lr, "updates_per_epoch": updates, **task.derived})
+    if task.outputs_opened is not None:
+        task.outputs_opened()
     _logger.info("%s on %s x %d: %d images/epoch, effective batch %d (%d x %d accumulation x %d), lr %.3g, "
                  "%d epoch%s from epoch %d", task.description, info.device, info.world_size, len(task.train_set),
                  effective_batch, args.batch_size, args.update_freq, info.world_size, lr, args.epochs,
