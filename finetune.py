@@ -149,6 +149,9 @@ def _is_file_or_none(path: Optional[str]) -> bool:
 
 FINETUNE_CHECKS = (
     Check("--finetune", lambda a: _is_file_or_none(a.finetune), "no such checkpoint file"),
+    Check("--data_path", lambda a: a.data_path is None or not Path(a.data_path).is_file(),
+          "fine-tuning needs labels, which a file list does not give; pass a folder of class folders "
+          "(<root>/train/<class>/<image>, <root>/val/<class>/<image>)"),
     Check("--eval_data_path", lambda a: a.eval_data_path is None or Path(a.eval_data_path).is_dir(),
           "no such folder; give the validation folder (<path>/<class>/<image> or <path>/val/<class>/<image>)"),
     Check("--nb_classes", lambda a: a.nb_classes is None or a.nb_classes >= 1,

@@ -16,8 +16,12 @@ output/pretrain_<size>), on rank 0: config.yaml, train.log, metrics.jsonl (one J
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num) and checkpoint-<epoch>-<updates>.pth
 inside epochs (--save_ckpt_steps / --save_ckpt_minutes), encoder.safetensors (encoder weights
 with timm names, for finetune.py or timm) and reconstruction.png (python -m fcmae.visualize redraws it
-from any checkpoint) with each epoch checkpoint, and
+from any checkpoint) with each epoch checkpoint, image_index.npz (the images of --data_path, reused
+by the next run while the folder is unchanged; engine.index_cache), and
 TensorBoard events (--log_dir, default <output_dir>/tensorboard).
+
+--data_path: a folder of images in any layout (<data_path>/train if there is one), or a text file
+naming one image per line; labels are not used (engine.data.build_pretraining_images).
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ from engine.checkpoint import PRETRAINING, other_kind_problem, save_safetensors
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, optional_path)
-from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, pretrain_transform, to_device
+from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_pretraining_images, to_device
 from engine.distributed import DistributedInfo
+from engine.index_cache import INDEX_CACHE_NAME, IndexCache
 from engine.logging import TensorBoardWriter
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
@@ -95,11 +100,12 @@ PRETRAIN_CHECKS = (
 )
 
 
-def build_dataset(args: argparse.Namespace):
-    """ImageNet-style folder under --data_path, or the embedded photos (announced in the log)."""
+def build_dataset(args: argparse.Namespace, index_cache: Optional[IndexCache] = None):
+    """The images of --data_path (a folder in any layout, ``<data_path>/train``, or a file list;
+    scanned once per run, reused through ``index_cache``), or the embedded photos (announced in the log)."""
     if args.data_path is not None:
-        dataset = build_image_folder(args.data_path, "train", pretrain_transform(args.input_size, args.fast_decode))
-        _logger.info("data: %d images in %d classes under %s", len(dataset), len(dataset.classes), dataset.root)
+        dataset, _ = build_pretraining_images(args.data_path, args.input_size, args.fast_decode,
+                                              index_cache=index_cache)
         return dataset
     _logger.info("No --data_path given: demo run on %d embedded scikit-image photos (%s), %d random %d-px crops "
                  "per epoch. For real pretraining pass --data_path /path/to/imagenet.",
@@ -163,7 +169,8 @@ def make_checkpoint_check(args: argparse.Namespace):
 
 
 def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
-    dataset = build_dataset(args)
+    index_cache = IndexCache(Path(args.output_dir) / INDEX_CACHE_NAME)
+    dataset = build_dataset(args, index_cache)
     return Task(
         train_set=dataset,
         build_model=lambda: fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim,
@@ -173,8 +180,10 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
         recipe_blr=RECIPE_BLR,
         adamw_betas=ADAMW_BETAS,
         description=f"{args.model} ({args.backend} backend)",
+        # python -m fcmae.visualize redraws the same picture from a checkpoint
         export=make_export(args, fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device))
-        if info.is_main else None,  # python -m fcmae.visualize redraws the same picture from a checkpoint
+        if info.is_main else None,
+        outputs_opened=index_cache.save_pending if info.is_main else None,  # the scan, for the next run
         check_checkpoint=make_checkpoint_check(args),
         evaluate=make_knn_evaluation(args, info),
         epoch_summary=lambda record: f"knn_top1 {record['knn_top1']:.2f}%" if "knn_top1" in record else "",

@@ -63,7 +63,8 @@ from engine.checkpoint import atomic_write, save_safetensors  # noqa: E402
 from engine.config import DefaultsOnceHelpFormatter  # noqa: E402
 from engine.data import ImageFolderSkippingUnreadable, resolve_image_root  # noqa: E402
 from engine.logging import format_duration, setup_logging  # noqa: E402
-from engine.loop import GradientStepper, train_one_epoch  # noqa: E402
+from engine.loop import train_one_epoch  # noqa: E402
+from engine.stepper import GradientStepper  # noqa: E402
 from engine.optim import build_adamw, scaled_lr  # noqa: E402
 from engine.schedule import build_lr_scheduler  # noqa: E402
 from engine.seeding import derive_seed, generator, seed_everything  # noqa: E402

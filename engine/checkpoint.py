@@ -22,10 +22,12 @@
 * ``checkpoint_kind(state)``: "pretraining", "fine-tuning" or "unknown", from the model's tensor
   names; ``other_kind_problem(...)`` says in one line that a checkpoint of the other kind cannot
   resume this script's run (the CLIs' ``check_checkpoint`` hooks add the remedy).
-* ``restore_training_state(path, state, model, optimizer, stepper, world_size)``: weights,
-  optimizer and stepper back in place (no RNG state: the training loop reseeds every RNG per
-  micro-batch, and augmentations are seeded per sample, whatever ``--num_workers``); a resumed run
-  continues bitwise only with the original world size, so ``warn_if_run_layout_differs`` names it.
+* ``check_run_layout(path, state, args, world_size)``: a checkpoint resumes exactly only with the
+  batch size, accumulation and world size it was written with; another layout is refused with the
+  fix, or (``--allow_layout_change``) continued at the matching number of images.
+* ``restore_training_state(path, state, model, optimizer, stepper)``: weights, optimizer and
+  stepper back in place (no RNG state: the training loop reseeds every RNG per micro-batch, and
+  augmentations are seeded per sample, whatever ``--num_workers``).
 
 State is plain data (tensors, numbers, strings, lists, dicts) so nothing in a file can run code.
 """
@@ -42,6 +44,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from engine.distributed import broadcast_object
+from engine.errors import ConfigError
 from models.checkpoint import file_format
 
 _logger = logging.getLogger(__name__)
@@ -188,20 +191,36 @@ def save_safetensors(
     return atomic_write(path, lambda file: file.write(payload))
 
 
-def warn_if_run_layout_differs(path: str | os.PathLike, state: Mapping[str, Any], world_size: int) -> list[str]:
-    """Compare the world size a checkpoint was written with (``state["world_size"]``; absent in
-    older files: not compared) with this run's; log a warning naming a difference and return it.
-    Training resumes either way, but the effective batch (hence the lr), the updates per epoch and
-    each rank's share of the data no longer match an uninterrupted run. (``--num_workers`` does not
-    matter: augmentations are seeded per sample.)"""
-    saved = state.get("world_size")
-    if saved is None or saved == world_size:
-        return []
-    difference = f"world size {saved} -> {world_size}"
-    _logger.warning("resuming %s with %s: training continues, but not as the uninterrupted run would (the "
-                    "effective batch, lr, updates per epoch and data order change); resume with the original "
-                    "world size to continue exactly", path, difference)
-    return [difference]
+def check_run_layout(path: str | os.PathLike, state: Mapping[str, Any], args, world_size: int) -> int:
+    """The micro-batch of the next epoch to resume at. A checkpoint continues exactly only with the
+    batch size, accumulation and world size it was written with: a difference raises ConfigError
+    naming what to restore, unless ``args.allow_layout_change``: then (with a warning) training
+    continues at the first update boundary after as many images as the checkpoint had seen in
+    that epoch, with the new effective batch (the lr, schedule and data order then differ from the
+    uninterrupted run). Values an older checkpoint lacks are not compared."""
+    config = state.get("config", {})
+    saved = {"batch_size": config.get("batch_size"), "update_freq": config.get("update_freq"),
+             "world_size": state.get("world_size")}
+    current = {"batch_size": args.batch_size, "update_freq": args.update_freq, "world_size": world_size}
+    differing = [name for name, value in saved.items() if value is not None and value != current[name]]
+    iteration = int(state.get("iteration", 0))
+    if not differing:
+        return iteration
+    change = ", ".join(f"{name} {saved[name]} -> {current[name]}" for name in differing)
+    if not args.allow_layout_change:
+        restore = [f"{saved[name]} processes (torchrun --nnodes x --nproc_per_node)" if name == "world_size"
+                   else f"--{name} {saved[name]}" for name in differing]
+        raise ConfigError(f"checkpoint {path} was written with another run layout ({change}): a run resumes exactly "
+                          f"only as it was written; restore {' and '.join(restore)}, or pass --allow_layout_change to "
+                          "continue with the new effective batch (the lr, schedule and data order then differ from "
+                          "the uninterrupted run)")
+    images = iteration * (saved["batch_size"] or args.batch_size) * (saved["world_size"] or world_size)
+    images_per_update = args.batch_size * args.update_freq * world_size
+    resumed_at = images // images_per_update * args.update_freq
+    _logger.warning("resuming %s with another run layout (%s, --allow_layout_change): continuing at iteration %d of "
+                    "the epoch; the effective batch, lr, updates per epoch and data order differ from the "
+                    "uninterrupted run", path, change, resumed_at)
+    return resumed_at
 
 
 def find_resume_checkpoint(args, info) -> Optional[tuple[str, dict[str, Any]]]:
@@ -244,10 +263,8 @@ def other_kind_problem(path: str | os.PathLike, state: Mapping[str, Any], expect
 
 
 def restore_training_state(path: str, state: Mapping[str, Any], model: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer, stepper, world_size: int) -> None:
-    """Put a checkpoint's model, optimizer and stepper (``load_state_dict``) back, after warning if
-    it was written with another world size."""
-    warn_if_run_layout_differs(path, state, world_size)
+                           optimizer: torch.optim.Optimizer, stepper) -> None:
+    """Put a checkpoint's model, optimizer and stepper (``load_state_dict``) back."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     stepper.load_state_dict(state.get("stepper", {}))

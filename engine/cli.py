@@ -4,9 +4,9 @@
   (the demo's without ``--data_path``/``--config``), then the table-driven checks; any problem
   exits with code 2 and the error lines alone, before any work.
 * ``cli_errors(parser)``: a context for the run itself: a late configuration error (found once a
-  checkpoint or dataset is read) also exits 2; a fault of the run (non-finite loss, unusable
-  checkpoint, no readable image, failed write) is logged and exits 1; the process group is
-  always torn down.
+  checkpoint or dataset is read) also exits 2; a fault of the run (non-finite loss or gradients,
+  unusable checkpoint, no readable image, failed write, another rank's failure) is logged and
+  exits 1; the process group is always torn down.
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ from typing import Iterable, Iterator, Optional, Sequence
 from .checkpoint import CheckpointError, OutputWriteError
 from .config import Check, ConfigError, official_flag_notes, parse_args, validate
 from .data import UnreadableDatasetError
-from .distributed import destroy_distributed
-from .loop import NonFiniteLossError
+from .distributed import PeerFailedError, destroy_distributed
+from .progress import NonFiniteGradientsError, NonFiniteLossError
 
 _logger = logging.getLogger(__name__)
 
-RUN_FAULTS = (NonFiniteLossError, CheckpointError, UnreadableDatasetError, OutputWriteError)
+RUN_FAULTS = (NonFiniteLossError, NonFiniteGradientsError, CheckpointError, UnreadableDatasetError, OutputWriteError,
+              PeerFailedError)
 
 
 def parse_and_validate(

@@ -50,10 +50,8 @@ from models import check_model_name
 
 from .checkpoint import atomic_write
 from .distributed import device_problem
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the flag (or YAML key) and the fix."""
+from .errors import ConfigError
+from .progress import DEFAULT_MAX_SKIPPED_IN_ROW
 
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -243,10 +241,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="autocast precision; fp16 adds a GradScaler. auto: bf16 on CUDA GPUs with bf16, "
                             "fp16 on older CUDA GPUs, none (fp32) on CPU and MPS")
     optim.add_argument("--compile", action=BooleanFlag, default=False, help="wrap the model in torch.compile")
+    optim.add_argument("--max_skipped_updates", type=int, default=DEFAULT_MAX_SKIPPED_IN_ROW,
+                       help="optimizer updates in a row skipped for inf/NaN gradients before the run stops "
+                            "(a skipped update leaves the weights and optimizer state untouched)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", type=str, default=None,
-                      help="ImageNet-style root (<root>/train/<class>/*.jpg, or <root>/<class>/*.jpg) "
+                      help="pretraining: a folder of images in any layout (<root>/train if present), or a text "
+                           "file listing image paths; fine-tuning: class folders (<root>/train/<class>/*.jpg) "
                            "(default: the demo on embedded scikit-image photos)")
     data.add_argument("--embedded_samples", type=int, default=256,
                       help="random crops per epoch from the embedded photos (only without --data_path)")
@@ -269,6 +271,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                      help="checkpoint file to resume from (default: the newest in --output_dir with --auto_resume)")
     run.add_argument("--auto_resume", action=BooleanFlag, default=True,
                      help="resume from the latest valid checkpoint in --output_dir")
+    run.add_argument("--allow_layout_change", action=BooleanFlag, default=False,
+                     help="resume a checkpoint written with another --batch_size, --update_freq or number of "
+                          "processes (continues at the matching number of images; not as the original run would)")
     run.add_argument("--save_ckpt_freq", type=int, default=20, help="save a checkpoint every N epochs")
     run.add_argument("--save_ckpt_steps", type=int, default=None,
                      help="also checkpoint every N optimizer updates inside epochs (for resuming only)")
@@ -516,6 +521,12 @@ def _valid_device(args: argparse.Namespace) -> bool:
     return args.device is None or device_problem(args.device) is None
 
 
+def _one_device_per_local_process(args: argparse.Namespace) -> bool:
+    """Under torchrun with several processes per node, each takes cuda:<LOCAL_RANK>: a fixed index
+    would put every process on the same GPU."""
+    return not (args.device and ":" in args.device and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1)
+
+
 _DEVICE_FIX = ("must be cpu, cuda, cuda:<index> or mps and available on this machine; "
                "leave it out to pick CUDA, then MPS, then CPU automatically")
 
@@ -535,11 +546,13 @@ TRAINING_CHECKS: tuple[Check, ...] = (
     Check("--blr", lambda a: a.blr is None or a.blr > 0, "must be > 0, e.g. 1.5e-4"),
     Check("--min_lr", lambda a: a.min_lr >= 0, "must be >= 0"),
     Check("--weight_decay", lambda a: a.weight_decay >= 0, "must be >= 0, e.g. 0.05"),
+    Check("--max_skipped_updates", lambda a: a.max_skipped_updates >= 1,
+          "must be >= 1 (updates in a row skipped for inf/NaN gradients before the run stops)"),
     Check("--clip_grad", lambda a: a.clip_grad is None or a.clip_grad > 0,
           "must be > 0 (leave it out for no clipping)"),
-    Check("--data_path", lambda a: a.data_path is None or Path(a.data_path).is_dir(),
-          "no such folder; give an ImageNet-style root (<root>/train/<class>/*.jpg) or leave it out "
-          "for the embedded photos"),
+    Check("--data_path", lambda a: a.data_path is None or Path(a.data_path).exists(),
+          "no such folder or file; give a folder of images, an ImageNet-style root (<root>/train/<class>/*.jpg) "
+          "or a text file listing images, or leave it out for the embedded photos"),
     Check("--embedded_samples", lambda a: a.embedded_samples >= 1, "must be >= 1"),
     Check("--num_workers", lambda a: a.num_workers is None or a.num_workers >= 0,
           "must be >= 0 (0 loads data in the main process; leave it out for a value fitting this machine)"),
@@ -553,6 +566,9 @@ TRAINING_CHECKS: tuple[Check, ...] = (
           "must be > 0 (minutes between checkpoints, e.g. 30), or leave it out"),
     Check("--print_freq", lambda a: a.print_freq >= 1, "must be >= 1 (iterations between progress lines)"),
     Check("--seed", lambda a: a.seed >= 0, "must be >= 0"),
+    Check("--device", _one_device_per_local_process,
+          "names one device, but torchrun runs several processes on this node and each uses the GPU of its "
+          "LOCAL_RANK; pass --device cuda (or leave --device out)"),
     Check("--device", _valid_device, _DEVICE_FIX),
     Check("--dist_timeout", lambda a: a.dist_timeout >= 1,
           "must be >= 1 second, and longer than a checkpoint save takes (default 1800)"),

@@ -1,19 +1,26 @@
-"""Images for training: folders that tolerate bad files, embedded photos, distributed loaders.
+"""Images for training: datasets that tolerate bad files, embedded photos, distributed loaders.
 
-* ``pretrain_transform(input_size, fast_decode=False)``: RandomResizedCrop(scale 0.2-1, bicubic),
-  horizontal flip, ToTensor, ImageNet mean/std (the FCMAE recipe); ``normalize_transform()``: the
-  last two. ``fast_decode``: the crop is ``DraftRandomResizedCrop``, which decodes JPEGs at 1/2-1/8
-  scale when the crop box allows (``draft_resized_crop``); such transforms get files opened, not
-  decoded (``open_image``, ``decodes_files``).
-* ``to_rgb(image)``: any PIL image (grayscale, 16-bit, palette, RGBA, CMYK) as 8-bit RGB.
-* ``resolve_image_root(data_path, split)``: ``<data_path>/<split>`` if it exists, else ``data_path``.
-* ``ImageFolderSkippingUnreadable(root, transform)``: torchvision ImageFolder whose unreadable files
-  (corrupt, truncated, not images) are skipped with a warning naming each and counting them; the
-  next readable file in the list takes its place, so batches stay full (for evaluation,
-  ``substitute_unreadable=False``: a blank image labelled ``UNREADABLE_TARGET``, left out of the
-  metrics). If every file is unreadable it raises ``UnreadableDatasetError``. A class folder
-  without images keeps its label (its index among the sorted class folders) and is named in a
-  warning; ``build_image_folder`` adds a clear error for a folder without any images.
+* ``pretrain_transform(input_size, fast_decode=False, in_chans=3, mean=None, std=None)``:
+  RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, normalisation (ImageNet mean/std for
+  3 channels: the FCMAE recipe); ``normalize_transform(mean, std)``: ToTensor + Normalize.
+  ``fast_decode``: the crop is ``DraftRandomResizedCrop``, which decodes JPEGs at 1/2-1/8 scale
+  when the crop box allows (``draft_resized_crop``); such transforms get files opened, not
+  decoded (``decodes_files``).
+* ``ImageFiles(index, transform, substitute_unreadable=True, in_chans=3)``: the images of an
+  ``engine.image_index.ImageIndex`` (paths in numpy arrays: DataLoader workers share them at any
+  size). Unreadable files (corrupt, truncated, not images, channels that do not convert) are
+  skipped with a warning naming each and counting them; the next readable file takes its place,
+  so batches stay full (for evaluation, ``substitute_unreadable=False``: a blank image labelled
+  ``UNREADABLE_TARGET``, left out of the metrics). If every file is unreadable it raises
+  ``UnreadableDatasetError``.
+* ``ImageFolderSkippingUnreadable(root, transform)``: ``ImageFiles`` of the class folders
+  ``<root>/<class>/<image>`` (torchvision ImageFolder's labels and order); a class folder without
+  images keeps its label and is named in a warning. ``build_image_folder(data_path, split, ...)``
+  (``<data_path>/<split>`` if it exists, ``resolve_image_root``) adds a clear error naming
+  --data_path and the layout that gives labels.
+* ``build_pretraining_images(data_path, input_size, ...)``: pretraining's unlabelled images of
+  ``--data_path`` (``pretraining_source``: a file list, ``<data_path>/train``, or the folder in any
+  layout), scanned once per run (``engine.index_cache``), with their normalisation.
 * ``EmbeddedPhotos(split, input_size, length, transform=None)``: real photographs bundled with
   scikit-image (public domain / CC0), no download needed; see its docstring.
 * ``shutdown_workers(loader)``: stop a loader's persistent workers (end of a training run).
@@ -23,6 +30,9 @@
   feeding ``SampleSeededDataset``, so every sample's augmentation depends only on
   ``(seed, epoch, index)``; persistent workers. Evaluation: a plain ``DistributedSampler``.
 * ``to_device(tensor, device)``: a batch's copy to the device, asynchronous only from pinned memory.
+
+Decoding (``to_rgb``, ``load_rgb_image``, ``open_image``, ``UNREADABLE_IMAGE_ERRORS``) lives in
+``engine.image_decode`` and is importable from here too.
 """
 from __future__ import annotations
 
@@ -32,7 +42,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import models  # noqa: F401  (torchvision guard before torchvision)
 import numpy as np
@@ -41,52 +51,58 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchvision import transforms
-from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 
 from .config import ConfigError
+from .image_decode import (UNREADABLE_IMAGE_ERRORS, UnreadableDatasetError, UnreadableImageError,  # noqa: F401
+                           image_loader, load_rgb_image, open_image, to_rgb)
+from .image_files import IMAGE_EXTENSIONS, describe_skipped, scan_class_folders
+from .image_index import NO_LABEL, ImageIndex
+from .index_cache import IndexCache
+from .normalization import NoFittingImageError, Statistics, first_fitting_image, resolve_normalization
 from .seeding import derive_seed
 
 _logger = logging.getLogger(__name__)
 
-# what PIL raises for files it cannot decode (UnidentifiedImageError and truncation are OSErrors)
-UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
 UNREADABLE_TARGET = -1  # evaluation's label for a file that could not be read (left out of the metrics)
 
 
-class UnreadableDatasetError(RuntimeError):
-    """Every file of an image folder is unreadable."""
+def normalize_transform(mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                        std: Sequence[float] = IMAGENET_DEFAULT_STD) -> transforms.Compose:
+    """PIL image -> float tensor (C, H, W) in [0, 1] -> normalised per channel."""
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def normalize_transform() -> transforms.Compose:
-    return transforms.Compose([
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+def pretrain_transform(input_size: int, fast_decode: bool = False, in_chans: int = 3,
+                       mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
+                       ) -> transforms.Compose:
+    """FCMAE pretraining augmentation -> (in_chans, input_size, input_size) normalised tensor.
 
-
-def pretrain_transform(input_size: int, fast_decode: bool = False) -> transforms.Compose:
-    """FCMAE pretraining augmentation: PIL RGB image -> (3, input_size, input_size) normalised tensor.
-
-    ``fast_decode``: crop with ``DraftRandomResizedCrop``, which decodes JPEG files at a reduced
-    scale when the crop allows (the same crops, a fraction of the decoding work);
-    ``ImageFolderSkippingUnreadable`` then hands it the files opened but not decoded.
+    RandomResizedCrop (scale 0.2-1, bicubic), horizontal flip, then normalisation by ``mean`` /
+    ``std`` (default: ImageNet's; required for ``in_chans`` other than 3, see
+    ``engine.normalization``). Input: an RGB PIL image for 3 channels, else the (in_chans, H, W)
+    float tensor of ``engine.image_decode.decode_channels`` (the crop and flip then run on the
+    tensor; bicubic with antialiasing, as PIL resizes). ``fast_decode`` (3 channels only): crop
+    with ``DraftRandomResizedCrop``, which decodes JPEG files at a reduced scale when the crop
+    allows (the same crops, a fraction of the decoding work); datasets then hand it the files
+    opened but not decoded.
     """
+    if mean is None and std is None and in_chans == 3:
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if mean is None or std is None or len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(f"{in_chans}-channel images need mean and std with {in_chans} values each "
+                         "(engine.normalization.resolve_normalization)")
+    if fast_decode and in_chans != 3:
+        raise ValueError("fast_decode decodes 3-channel JPEGs only; leave it off for other channel counts")
     crop = DraftRandomResizedCrop if fast_decode else transforms.RandomResizedCrop
-    return transforms.Compose([
-        crop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        normalize_transform(),
-    ])
+    augment = [crop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+               transforms.RandomHorizontalFlip()]
+    if in_chans == 3:
+        return transforms.Compose([*augment, normalize_transform(mean, std)])
+    return transforms.Compose([*augment, transforms.Normalize(mean, std)])
 
 
 JPEG_DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes directly (scaled inverse DCT)
-
-
-class UnreadableImageError(OSError):
-    """A transform that decodes the file itself (``DraftRandomResizedCrop``) could not decode it."""
 
 
 def draft_scale(crop_height: int, crop_width: int, output_size: tuple[int, int]) -> int:
@@ -139,37 +155,6 @@ class DraftRandomResizedCrop(transforms.RandomResizedCrop):
         return draft_resized_crop(image, top, left, height, width, tuple(self.size), self.interpolation)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16/32-bit grayscale rescaled to 0-255, transparency composited on white."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if values.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
-        image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8))
-    elif image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(values * 255.0 if values.max(initial=0) <= 1.0 else values,
-                                        0, 255).round().astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def load_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully as RGB; raises one of ``UNREADABLE_IMAGE_ERRORS`` if it cannot."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
-
-
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """``path`` opened with its header read, not decoded (for ``DraftRandomResizedCrop``); raises one
-    of ``UNREADABLE_IMAGE_ERRORS`` if it is not an image. Decoding closes the file."""
-    return Image.open(path)
-
-
 def decodes_files(transform: Optional[Callable]) -> bool:
     """Whether ``transform`` (or its first stage) decodes files itself (``decodes_files = True``, e.g.
     ``DraftRandomResizedCrop``) and so wants them opened, not decoded."""
@@ -184,84 +169,188 @@ def resolve_image_root(data_path: str | os.PathLike, split: str = "train") -> Pa
     return split_root if split_root.is_dir() else Path(data_path)
 
 
-class ImageFolderSkippingUnreadable(ImageFolder):
-    """``ImageFolder`` (``<root>/<class>/<image>``) -> (image, class index), skipping unreadable files.
+class _Samples(Sequence[tuple[str, int]]):
+    """(path, label) of each image of an index, made on access (torchvision ImageFolder's ``samples``)."""
 
-    An unreadable file is logged once (naming it and the running count) and replaced by the next
-    readable file in the sample list, so training batches stay full. For evaluation
-    (``substitute_unreadable=False``) it yields a blank image with target ``UNREADABLE_TARGET``
+    def __init__(self, index: ImageIndex):
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, position: int) -> tuple[str, int]:
+        return self.index.path(position), self.index.label(position)
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return (self[position] for position in range(len(self)))
+
+
+class ImageFiles(Dataset):
+    """The images of an ``ImageIndex`` -> (image, label), skipping unreadable files.
+
+    ``image`` is ``transform`` of what ``engine.image_decode.image_loader(in_chans)`` makes of the
+    file: an RGB PIL image for 3 channels (opened, not decoded, for a transform that decodes files
+    itself, ``decodes_files``), else an (in_chans, H, W) float tensor. ``label`` is the index's
+    (``NO_LABEL`` for an index without labels).
+
+    An unreadable file (corrupt, truncated, not an image, channels that do not convert to
+    ``in_chans``) is logged once, naming it and the running count, and replaced by the next
+    readable file of the index, so training batches stay full. For evaluation
+    (``substitute_unreadable=False``) it yields a blank image with label ``UNREADABLE_TARGET``
     instead, which the evaluation leaves out, so no image is counted twice. The bookkeeping lives
-    in shared memory, so DataLoader workers' findings add up in ``unreadable_count``. A transform
-    that decodes files itself (``pretrain_transform(fast_decode=True)``, see ``decodes_files``) gets
-    them opened, not decoded, and its decoding failures count as unreadable files too.
+    in shared memory, so DataLoader workers' findings add up in ``unreadable_count``. The state is
+    the index's few numpy arrays plus that flag array: forked workers share it, whatever the
+    dataset's size (``engine.image_index``).
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None,
-                 substitute_unreadable: bool = True):
-        # allow_empty: an empty class folder must not shift the labels of the others (nor stop pretraining)
-        super().__init__(os.fspath(root), transform=transform, allow_empty=True,
-                         loader=open_image if decodes_files(transform) else load_rgb_image)
-        if not self.samples:
-            raise FileNotFoundError(f"no image files in the class folders of {self.root}")
-        empty = sorted(set(self.classes) - {self.classes[target] for target in self.targets})
-        if empty:
-            _logger.warning("%d class folders under %s hold no images: %s", len(empty), self.root, ", ".join(empty))
+    def __init__(self, index: ImageIndex, transform: Optional[Callable] = None, substitute_unreadable: bool = True,
+                 in_chans: int = 3):
+        self.index, self.transform, self.in_chans = index, transform, in_chans
         self.substitute_unreadable = substitute_unreadable
-        self._unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+        self._unreadable = torch.zeros(len(index), dtype=torch.bool).share_memory_()
+
+    @property
+    def root(self) -> str:
+        return self.index.root
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.index.classes)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: label for label, name in enumerate(self.index.classes)}
+
+    @property
+    def targets(self) -> np.ndarray:
+        """(N,) int64 labels (all ``NO_LABEL`` without labels)."""
+        return self.index.labels if self.index.labels is not None else np.full(len(self.index), NO_LABEL)
+
+    @property
+    def samples(self) -> Sequence[tuple[str, int]]:
+        """(path, label) of each image, made on access (ImageFolder's attribute, without its memory)."""
+        return _Samples(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     @property
     def unreadable_count(self) -> int:
         return int(self._unreadable.sum())
 
     def unreadable_paths(self) -> list[str]:
-        return [self.samples[index][0] for index in torch.nonzero(self._unreadable).flatten().tolist()]
+        return [self.index.path(position) for position in torch.nonzero(self._unreadable).flatten().tolist()]
 
-    def _load(self, index: int) -> Optional[tuple[Any, int]]:
-        """(transformed image, target) of sample ``index``; None, recorded and logged, if unreadable."""
-        if self._unreadable[index]:
+    def _load(self, position: int) -> Optional[tuple[Any, int]]:
+        """(transformed image, label) of image ``position``; None, recorded and logged, if unreadable."""
+        if self._unreadable[position]:
             return None
-        path, target = self.samples[index]
+        path, loader = self.index.path(position), image_loader(self.in_chans, decodes_files(self.transform))
         try:
-            image = self.loader(path)
+            image = loader(path)
         except UNREADABLE_IMAGE_ERRORS as error:
-            return self._record_unreadable(index, path, error)
+            return self._record_unreadable(position, path, error)
         try:
-            return (self.transform(image) if self.transform is not None else image), target
+            return (self.transform(image) if self.transform is not None else image), self.index.label(position)
         except UnreadableImageError as error:  # from a transform that decodes the file itself
-            return self._record_unreadable(index, path, error.__cause__ or error)
+            return self._record_unreadable(position, path, error.__cause__ or error)
 
-    def _record_unreadable(self, index: int, path: str, error: BaseException) -> None:
-        self._unreadable[index] = True
+    def _record_unreadable(self, position: int, path: str, error: BaseException) -> None:
+        self._unreadable[position] = True
         _logger.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
                         path, type(error).__name__, error, self.unreadable_count)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, position: int):
         if not self.substitute_unreadable:
-            loaded = self._load(index)
+            loaded = self._load(position)
             if loaded is None:
-                blank = Image.new("RGB", (1, 1))
+                blank = Image.new("RGB", (1, 1)) if self.in_chans == 3 else torch.zeros(self.in_chans, 1, 1)
                 return (self.transform(blank) if self.transform is not None else blank), UNREADABLE_TARGET
             return loaded
-        for offset in range(len(self.samples)):
-            loaded = self._load((index + offset) % len(self.samples))
+        for offset in range(len(self)):
+            loaded = self._load((position + offset) % len(self))
             if loaded is not None:
                 return loaded
-        raise UnreadableDatasetError(f"all {len(self.samples)} image files under {self.root} are unreadable; "
-                           "check the files (e.g. open one with PIL) or point --data_path elsewhere")
+        raise UnreadableDatasetError(f"all {len(self)} image files under {self.root} are unreadable; "
+                                     "check the files (e.g. open one with PIL) or point --data_path elsewhere")
+
+
+class ImageFolderSkippingUnreadable(ImageFiles):
+    """Class folders ``<root>/<class>/<image>`` (searched recursively) -> (image, class index),
+    skipping unreadable files as ``ImageFiles`` does; torchvision ImageFolder's layout, labels and order.
+
+    A class folder without images keeps its label (its index among the sorted class folders) and
+    is named in a warning. FileNotFoundError if ``root`` has no class folder or no image.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None,
+                 substitute_unreadable: bool = True):
+        scan = scan_class_folders(root)
+        if scan.skipped_count:
+            _logger.info("%s under %s", describe_skipped(scan), root)
+        if not len(scan.index):
+            raise FileNotFoundError(f"no image files in the class folders of {scan.index.root}")
+        super().__init__(scan.index, transform, substitute_unreadable)
+        counts = np.bincount(scan.index.labels, minlength=len(scan.index.classes))
+        empty = [name for name, count in zip(scan.index.classes, counts) if count == 0]
+        if empty:
+            _logger.warning("%d class folders under %s hold no images: %s", len(empty), self.root, ", ".join(empty))
 
 
 def build_image_folder(data_path: str | os.PathLike, split: str, transform: Callable,
                        substitute_unreadable: bool = True) -> ImageFolderSkippingUnreadable:
-    """The ``split`` images under ``data_path``; ConfigError naming --data_path if there are none."""
+    """The ``split`` class-folder images under ``data_path`` (``resolve_image_root``); ConfigError
+    naming --data_path and the layout that gives labels if there are none."""
     root = resolve_image_root(data_path, split)
     try:
-        dataset = ImageFolderSkippingUnreadable(root, transform, substitute_unreadable)
+        return ImageFolderSkippingUnreadable(root, transform, substitute_unreadable)
     except FileNotFoundError as error:
         raise ConfigError(
-            f"--data_path {data_path}: no images found in {root} ({error}); expected "
-            f"<root>/{split}/<class>/<image> or <root>/<class>/<image> with extensions .jpg .png ..."
+            f"--data_path {data_path}: no images found in {root} ({error}); labels come from class folders: "
+            f"expected <root>/{split}/<class>/<image> or <root>/<class>/<image> with extensions "
+            f"{' '.join(IMAGE_EXTENSIONS)}"
         ) from error
-    return dataset
+
+
+def pretraining_source(data_path: str | os.PathLike) -> Path:
+    """What pretraining reads for ``--data_path``: the file itself (a list of images), else
+    ``<data_path>/train`` if that folder exists, else the folder (searched recursively)."""
+    path = Path(data_path)
+    return path if path.is_file() else resolve_image_root(path, "train")
+
+
+def build_pretraining_images(data_path: str | os.PathLike, input_size: int, fast_decode: bool = False,
+                             in_chans: int = 3, mean: Optional[Sequence[float]] = None,
+                             std: Optional[Sequence[float]] = None, index_cache: Optional[IndexCache] = None
+                             ) -> tuple[ImageFiles, Statistics]:
+    """Pretraining's images of ``--data_path`` (``pretraining_source``; labels ignored) with
+    ``pretrain_transform``, and the (mean, std) it normalises with (``resolve_normalization``:
+    given, ImageNet's for 3 channels, else measured; store them with the run).
+
+    The folder is scanned, or the list read, once per run: on rank 0, or reused from
+    ``index_cache`` (``engine.index_cache``). ConfigError naming --data_path if there is no image,
+    or if none of the files checked has (or converts to) ``in_chans`` channels.
+    """
+    source = pretraining_source(data_path)
+    where = f"listed in {source}" if source.is_file() else f"under {source}"
+    try:
+        scan = (index_cache or IndexCache()).load_or_scan(source)
+    except OSError as error:
+        raise ConfigError(f"--data_path {data_path}: cannot read {source} ({error})") from error
+    if scan.skipped_count:
+        _logger.info("data: %s %s", describe_skipped(scan), where)
+    if not len(scan.index):
+        raise ConfigError(f"--data_path {data_path}: no images {where}; expected image files "
+                          f"({' '.join(IMAGE_EXTENSIONS)}) in any folder layout, or a text file naming one per line")
+    try:
+        with contextlib.suppress(UnreadableDatasetError):  # training names each unreadable file, stops if all are
+            first_fitting_image(scan.index, in_chans)
+        normalization = resolve_normalization(in_chans, mean, std, scan.index)
+    except NoFittingImageError as error:
+        raise ConfigError(f"--data_path {data_path}: {error}; set --in_chans to the channels of the files") from error
+    _logger.info("data: %d images %s (%d channels)", len(scan.index), where, in_chans)
+    transform = pretrain_transform(input_size, fast_decode, in_chans, *normalization)
+    return ImageFiles(scan.index, transform, in_chans=in_chans), normalization
 
 
 # name -> loader of a natural colour photograph shipped inside scikit-image (no download)
@@ -366,7 +455,8 @@ class ResumableDistributedSampler(DistributedSampler):
     resumed after ``iteration`` batches passes ``skip = iteration * batch_size`` and gets exactly the
     batches it had not trained on. ``len()`` stays the whole epoch's share. The epoch travels with
     each index because persistent workers never see ``set_epoch``: ``SampleSeededDataset`` seeds the
-    augmentation from it.
+    augmentation from it. The order is held as one int64 array and handed out lazily: no Python
+    list of the epoch's indices, whatever the dataset's size.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
@@ -380,8 +470,11 @@ class ResumableDistributedSampler(DistributedSampler):
         self.skip = skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.skip:]
-        return iter([(self.epoch, index) for index in indices])
+        shuffle = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's order
+        order = torch.randperm(len(self.dataset), generator=shuffle)[:self.total_size]
+        mine = order[self.rank:self.total_size:self.num_replicas][self.skip:].numpy()
+        epoch = self.epoch
+        return ((epoch, int(index)) for index in mine)
 
 
 class SampleSeededDataset(Dataset):

@@ -2,11 +2,14 @@
 
 * ``choose_device(requested, local_rank)``: ``--device`` if given, else CUDA, then MPS, then CPU;
   ``device_problem(name)`` says why a requested device cannot be used (None if it can).
-* ``init_distributed(requested_device, timeout_s, cpu_threads)`` -> ``DistributedInfo(rank, world_size, local_rank, device)``:
-  under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) joins the ``env://`` process group
-  with NCCL on CUDA and gloo otherwise; without torchrun, a single process. A collective that
-  waits longer than ``timeout_s`` for a hung rank raises instead of blocking the job forever (a
-  rank that dies is noticed at once: torchrun then stops the others).
+* ``init_distributed(requested_device, timeout_s, cpu_threads)`` ->
+  ``DistributedInfo(rank, world_size, local_rank, device)``: under torchrun (``RANK``/``WORLD_SIZE``/
+  ``LOCAL_RANK`` set) joins the process group, NCCL on CUDA and gloo otherwise, on the job's store
+  (``job_store()``: torchrun's, under a prefix fresh for each restart round, see
+  ``job_store_of_this_round``); without torchrun, a single process. A collective that waits longer
+  than ``timeout_s`` for a hung rank raises instead of blocking the job forever.
+* ``announce_failure(message)``: a failing rank tells the others through the store
+  (``ABORT_KEY``); ``engine.agreement`` raises ``PeerFailedError`` on them.
 * ``get_rank``, ``get_world_size``, ``is_main_process``, ``barrier``, ``all_reduce_mean``,
   ``all_gather_objects``, ``broadcast_object`` work with and without a process group.
 * ``wrap_ddp(model, device)``, ``unwrap_model(model)`` (removes DDP and torch.compile wrappers),
@@ -17,6 +20,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import secrets
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -24,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+
+_job_store: Optional[dist.Store] = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ def init_distributed(
 ) -> DistributedInfo:
     """Set this process up: torch CPU threads (if given), torchrun's process group if launched
     by it, and the device."""
+    global _job_store
     if cpu_threads is not None:
         torch.set_num_threads(cpu_threads)
     if not launched_by_torchrun():
@@ -98,33 +107,86 @@ def init_distributed(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
-        rendezvous = ({"store": agent_store_of_this_restart(timeout)} if os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
-                      == "True" else {"init_method": "env://"})
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **rendezvous,
+        timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else 1800)
+        _job_store = job_store_of_this_round(rank, world_size, timeout)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                store=dist.PrefixStore("process_group", _job_store),
                                 device_id=device if device.type == "cuda" else None, timeout=timeout)
     return DistributedInfo(rank, world_size, local_rank, device)
 
 
-def agent_store_of_this_restart(timeout: Optional[datetime.timedelta]) -> dist.Store:
-    """torchrun's store (its agent hosts it at ``MASTER_ADDR:MASTER_PORT``) with this worker
-    group's keys under ``restart_<TORCHELASTIC_RESTART_COUNT>/``.
+def job_store_of_this_round(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store of this worker group, under a key prefix that every rank shares and
+    no earlier worker group used.
 
-    The agent keeps one store across ``--max_restarts`` restarts, and the process group's keys
-    (gloo addresses, NCCL ids) carry no restart number: a restarted group could read the dead
-    group's entries and try to connect to them until the timeout (seen with torch 2.13 and gloo). The
-    restart count is the same for every worker of one agent (one node); for elastic restarts
-    across nodes, run torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (then rank 0 hosts a
-    fresh store for each restart and this is not used)."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-                          is_master=False, timeout=timeout or datetime.timedelta(minutes=30))
-    return dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    torchrun's agents keep one store (``MASTER_ADDR:MASTER_PORT``, with
+    ``TORCHELASTIC_USE_AGENT_STORE``) across ``--max_restarts`` restarts and membership changes,
+    and a process group's keys (gloo addresses, NCCL ids) carry no round number: a restarted
+    group would read the dead group's entries. ``TORCHELASTIC_RESTART_COUNT`` is no fix across
+    nodes: an agent whose workers failed counts a restart, one that restarts for the membership
+    change does not. So the ranks agree on a fresh prefix: rank 0 publishes a random token and
+    every other rank has it confirmed, against a nonce of its own, before using it (a stale token
+    of an earlier round is never confirmed again, its rank 0 is gone). Without the agent's store
+    (``torch.distributed.launch``, Slurm through submitit) rank 0 hosts a new store for this job."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"fcmae/{agree_on_round_token(store, rank, world_size, timeout)}", store)
+
+
+def agree_on_round_token(store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta) -> str:
+    """A token that all ``world_size`` ranks of this round return (see ``job_store_of_this_round``)."""
+    nonce = secrets.token_hex(8)
+    if rank == 0:
+        store.set("round/leader", nonce)
+        for other in range(1, world_size):
+            acknowledged = f"round/{nonce}/ack/{other}"
+            store.wait([acknowledged], timeout)
+            store.set(f"round/{nonce}/confirm/{other}", store.get(acknowledged))
+        return nonce
+    deadline = time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        leader = store.get("round/leader").decode()
+        store.set(f"round/{leader}/ack/{rank}", nonce)
+        confirmed = f"round/{leader}/confirm/{rank}"
+        for _ in range(20):  # rank 0 confirms each rank in turn; a stale leader never does
+            if store.check([confirmed]) and store.get(confirmed).decode() == nonce:
+                return leader
+            time.sleep(0.05)
+    raise RuntimeError(f"rank {rank}: rank 0 of this torchrun round did not confirm within {timeout}")
+
+
+def job_store() -> Optional[dist.Store]:
+    """The store this process's group was set up with (None without torchrun)."""
+    return _job_store
+
+
+ABORT_KEY = "abort"
+
+
+class PeerFailedError(RuntimeError):
+    """Another rank failed (it announced it in the job's store) or stopped answering."""
+
+
+def announce_failure(message: str) -> None:
+    """Tell the other ranks, through the job's store, that this one is failing (best effort):
+    they stop at their next wait for the others (``engine.agreement``) instead of after the
+    process-group timeout."""
+    if _job_store is None:
+        return
+    try:
+        if not _job_store.check([ABORT_KEY]):
+            _job_store.set(ABORT_KEY, f"rank {get_rank()} failed: {message}")
+    except Exception:  # noqa: BLE001  (the store itself may be what failed)
+        pass
 
 
 def destroy_distributed() -> None:
+    global _job_store
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _job_store = None
 
 
 def _initialized() -> bool:
@@ -176,11 +238,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around ``model`` when there is more than one process."""
+    """DistributedDataParallel around ``model`` when there is more than one process.
+
+    The gradients become views into DDP's communication buckets (``gradient_as_bucket_view``):
+    the optimizer steps on them with no second copy of every gradient. A depthwise conv's
+    (C, 1, 7, 7) weight gradient arrives with another stride on its size-1 axis than its bucket
+    view (a layout difference without meaning: the same elements in the same order), which DDP
+    copies as it copies every fresh gradient; its "Grad strides do not match bucket view strides"
+    warning about it is silenced here, on purpose."""
     if get_world_size() == 1:
         return model
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -8,12 +8,19 @@
   ``precision`` is ``"bf16"`` (also fp16), ``"tf32"`` or ``"fp32"``.
 * ``model_flops_utilization(flops_per_image, images_per_s, peak)``: the fraction of the peak
   that the counted FLOPs at the measured throughput (one device) use.
+* ``count_step_flops(model, loss_fn, batch, step, autocast)``: FLOPs per image of a training
+  micro-batch (forward + backward), counted on fake tensors: shapes only, no computation and no
+  memory on the device, the model and its gradients untouched.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 # (substring of torch.cuda.get_device_name(), dense peak TFLOPS {bf16, tf32, fp32}); the first
@@ -65,3 +72,46 @@ def matmul_precision(amp: str) -> str:
 def model_flops_utilization(flops_per_image: float, images_per_s: float, peak_tflops_value: float) -> float:
     """``flops_per_image * images_per_s / peak``: throughput of one device against its peak."""
     return flops_per_image * images_per_s / (peak_tflops_value * 1e12)
+
+
+def batch_size_of(batch: Any) -> int:
+    """Images in ``batch``: a tensor, or a tuple/list/dict whose first item is one."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return batch_size_of(next(iter(batch.values())))
+    return batch_size_of(batch[0])
+
+
+class _WithTensors(nn.Module):
+    """``module`` run with other parameter and buffer tensors (``torch.func.functional_call``)."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.module, self.tensors = module, tensors
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.module, self.tensors, args, kwargs)
+
+
+def count_step_flops(model: nn.Module, loss_fn: Callable, batch: Any, step: Any,
+                     autocast: ContextManager) -> Optional[float]:
+    """FLOPs per image of ``loss_fn(model, batch, step)`` forward + backward (the training code
+    itself, under ``autocast``), run on fake copies of the model's tensors and of ``batch``;
+    None when the model cannot run on fake tensors (e.g. the MinkowskiEngine backend)."""
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+            def fake(tensor):
+                if not isinstance(tensor, torch.Tensor):
+                    return tensor
+                return fake_mode.from_tensor(tensor.detach()).requires_grad_(tensor.requires_grad)
+
+            tensors = {name: fake(tensor) for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+            trained = [tensor for tensor in tensors.values() if tensor.requires_grad]
+            with flop_counter() as counter:
+                with autocast:
+                    loss, _ = loss_fn(_WithTensors(model, tensors), tree_map(fake, batch), step)
+                torch.autograd.grad(loss, trained, allow_unused=True)
+    except Exception:  # noqa: BLE001  (an op without a fake-tensor kernel: no count, no MFU)
+        return None
+    return counter.get_total_flops() / batch_size_of(batch)

@@ -4,63 +4,59 @@
         args = parse_and_validate(parser, argv, checks)
         return launch(parser, args, lambda info: run_training(args, info, build_task(args, info)))
 
-``launch`` sets up the process (torchrun group, device, console logging) and turns the ways a
-run ends into exit codes: 0 done, 2 configuration error, 1 fault of the run, ``EXIT_STOPPED`` (3)
-stopped on SIGTERM/SIGUSR1 after writing a checkpoint, 130 Ctrl-C (one line naming the last
-checkpoint). ``run_training`` does, once for every task:
+``launch`` sets up the process (torchrun group, device, console logging, stop signals) and turns
+the ways a run ends into exit codes: 0 done, 2 configuration error, 1 fault of the run,
+``EXIT_STOPPED`` (3) stopped on SIGTERM/SIGUSR1 after writing a checkpoint, 130 Ctrl-C (one line
+naming the last checkpoint). ``run_training`` builds the run -- the loader, lr = ``--lr`` or
+(``--blr`` or the task's recipe blr) * effective batch / 256, seed -> model -> AdamW -> DDP ->
+torch.compile -> ``GradientStepper`` (with the task's EMA), the checkpoint to resume from
+(``--resume``, or the newest valid one in ``--output_dir``), the output files (only once all of
+that worked, so a run that fails to start leaves nothing) -- and hands it to ``Trainer.fit``:
 
-* the loader and the check that every process gets at least one optimizer update per epoch;
-* lr = ``--lr``, else (``--blr`` or the task's recipe blr) * effective batch / 256;
-* seed -> model -> AdamW -> DDP -> torch.compile -> stepper (with the task's EMA);
-* resume from ``--resume`` or, with ``--auto_resume``, the newest valid checkpoint in
-  ``--output_dir``, at any update boundary (mid-epoch checkpoints included);
-* output files (train.log, config.yaml, metrics.jsonl, TensorBoard) only once the data, the model
-  and the checkpoint to resume from are set up, so a run that fails to start leaves nothing;
-* the epochs: the per-update loop (``engine.loop``), the task's evaluation, one log line and one
-  metrics.jsonl record per epoch, checkpoints every ``--save_ckpt_freq`` epochs and at the end,
-  and inside epochs every ``--save_ckpt_steps`` updates and after ``--save_ckpt_minutes``;
-* SIGTERM / SIGUSR1 (``engine.signals``): all ranks stop at the next update boundary, rank 0
-  writes a complete checkpoint, every process exits with ``EXIT_STOPPED``.
+    for epoch in range(start.epoch, args.epochs):
+        stats = self.train_epoch(epoch, start)  # None: the ranks agreed to stop, checkpoint written
+        self.end_epoch(epoch + 1, stats)        # evaluate, log, checkpoint (+ export) when due
 
-Ranks agree on a stop or a time-based checkpoint through a gloo (CPU) group at update
-boundaries, so the decision never waits on the GPU stream.
+One optimizer update's path: ``engine.loop.train_updates`` (forward, backward, ``stepper.step()``,
+a log point when due) yields to ``Trainer.train_epoch``, which asks ``agreement.check()``
+(``engine.agreement``: a stop signal on any rank, ``--save_ckpt_minutes`` on rank 0) and
+``--save_ckpt_steps``, saves, and returns when stopping.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from .checkpoint import (checkpoint_name, checkpoint_paths, find_resume_checkpoint, restore_training_state,
-                         save_checkpoint)
+from .agreement import Agreement
+from .checkpoint import (check_run_layout, checkpoint_name, checkpoint_paths, find_resume_checkpoint,
+                         restore_training_state, save_checkpoint)
 from .cli import cli_errors
 from .config import ConfigError, check_output_folders, config_dict, resolve_hardware_defaults, save_config
 from .data import build_loader, shutdown_workers
-from .distributed import (DistributedInfo, all_reduce_mean, check_replicas_identical, get_world_size, init_distributed,
-                          wrap_ddp)
-from .ema import EmaGradientStepper, build_model_ema
-from .flops import matmul_precision, peak_tflops
+from .distributed import (DistributedInfo, all_gather_objects, all_reduce_mean, announce_failure,
+                          check_replicas_identical, get_world_size, init_distributed, job_store, wrap_ddp)
+from .flops import count_step_flops, matmul_precision, peak_tflops
 from .logging import MetricsLog, TensorBoardWriter, setup_logging, start_log_file
-from .loop import EpochProgress, Step, current_lr, train_one_epoch, updates_per_epoch
+from .loop import LossFn, Step, epoch_batches, log_skipped_updates, reseed_every_micro_batch, train_updates
 from .optim import build_adamw, effective_batch_size, scaled_lr
+from .progress import EpochProgress
 from .schedule import build_lr_scheduler
 from .seeding import configure_determinism, derive_seed, seed_everything
-from .signals import (EXIT_INTERRUPTED, EXIT_STOPPED, handle_stop_signals, stop_reason, stop_requested,
-                      workers_ignore_stop_signals)
+from .signals import (EXIT_INTERRUPTED, EXIT_STOPPED, StopRequested, handle_stop_signals, remove_stop_marker,
+                      stop_reason, stopped_under_this_torchrun, torchrun_agent, workers_ignore_stop_signals,
+                      write_stop_marker)
+from .stepper import GradientStepper, build_model_ema
 
 _logger = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, Any, Step], tuple[torch.Tensor, dict]]
 T = TypeVar("T")
 
 
@@ -78,9 +74,11 @@ class Task:
     checkpoint, replaced in place by a resumed checkpoint's. ``check_checkpoint(path, state,
     advice)`` raises ConfigError if a checkpoint to resume does not fit this run (``advice``:
     what to do instead, e.g. "or use another --output_dir"). ``evaluate(model, ema_model,
-    epochs_done)`` returns metrics after each epoch; ``epoch_summary(record)`` adds them to the
-    epoch's log line. ``export(model, epochs_done, tensorboard)`` runs on rank 0 with each epoch
-    checkpoint (and once at the end of a run that trained nothing).
+    epochs_done)`` returns metrics after each epoch (it may raise ``engine.signals.StopRequested``);
+    ``epoch_summary(record)`` adds them to the epoch's log line. ``export(model, epochs_done,
+    tensorboard)`` runs on rank 0 with each epoch checkpoint (and once at the end of a run that
+    trained nothing). ``outputs_opened()`` runs once the run has started and ``--output_dir``
+    exists (e.g. to save the scan of the data for the next run).
     """
 
     train_set: Dataset
@@ -97,28 +95,13 @@ class Task:
     evaluate: Optional[Callable[[nn.Module, Optional[nn.Module], int], dict]] = None
     epoch_summary: Callable[[dict], str] = lambda record: ""
     export: Optional[Callable[[nn.Module, int, TensorBoardWriter], None]] = None
-
-
-class TrainingStopped(Exception):
-    """A stop was requested (signal); the message says where the checkpoint is."""
-
-
-@dataclass
-class Training:
-    """The built pieces of one run: ``model`` is what checkpoints hold, ``train_model`` what is
-    trained (DDP / torch.compile wrapped when asked for)."""
-
-    model: nn.Module
-    train_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    stepper: EmaGradientStepper
-    ema: Optional[nn.Module]
+    outputs_opened: Optional[Callable[[], None]] = None
 
 
 @dataclass(frozen=True)
-class Position:
-    """Where a run starts: ``epoch`` epochs completed, ``iteration`` micro-batches into the next,
-    ``progress``: that epoch's ``EpochProgress`` totals so far."""
+class ResumePoint:
+    """Where training starts: ``epoch`` epochs completed, ``iteration`` micro-batches into the
+    next, ``progress``: that epoch's ``EpochProgress`` totals so far."""
 
     epoch: int = 0
     iteration: int = 0
@@ -136,45 +119,59 @@ def last_checkpoint_note(output_dir: str) -> str:
 
 def launch(parser: argparse.ArgumentParser, args: argparse.Namespace, work: Callable[[DistributedInfo], T],
            intro: Optional[str] = None) -> T:
-    """Run ``work(info)`` as a CLI process: distributed setup, the machine-dependent defaults
+    """Run ``work(info)`` as a CLI process: stop signals handled from the start (a request during
+    the dataset scan is kept), distributed setup, the machine-dependent defaults
     (``resolve_hardware_defaults``), logging (rank 0 keeps its records for train.log until
     ``run_training`` opens it; the first line names a demo run) and the exit codes of the module
-    docstring. ``args`` comes from ``engine.cli.parse_and_validate``."""
-    info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
-    with cli_errors(parser):
+    docstring. A rank that fails tells the others (``announce_failure``), which then stop at
+    their next update instead of waiting for ``--dist_timeout``. ``args`` comes from
+    ``engine.cli.parse_and_validate``."""
+    with handle_stop_signals(), cli_errors(parser):
+        info = init_distributed(args.device, args.dist_timeout, args.cpu_threads)
         setup_logging(info.rank)
+        exit_if_stopped_under_this_torchrun(args.output_dir, info)
         chosen = resolve_hardware_defaults(args, info.device)
         if args.demo:
             _logger.info("No --data_path and no --config: demonstration run with %s as the defaults (flags override "
                          "them), writing to %s", Path(args.config).name, args.output_dir)
-        if intro:
-            _logger.info(intro)
-        for note in args.notes:
-            _logger.info("%s", note)
+        for line in ([intro] if intro else []) + list(args.notes):
+            _logger.info("%s", line)
         if chosen:
             _logger.info("chosen for this machine: %s", ", ".join(chosen))
         try:
             return work(info)
-        except TrainingStopped as stopped:
-            _logger.warning("%s", stopped)
-            sys.exit(EXIT_STOPPED)
         except KeyboardInterrupt:
             _logger.warning("interrupted (Ctrl-C); %s", last_checkpoint_note(args.output_dir))
             sys.exit(EXIT_INTERRUPTED)
+        except BaseException as error:
+            if not isinstance(error, SystemExit):
+                announce_failure(f"{type(error).__name__}: {error}")
+            raise
+
+
+def exit_if_stopped_under_this_torchrun(output_dir: str, info: DistributedInfo) -> None:
+    """Workers that torchrun restarted after a deliberate stop exit at once (``engine.signals``)."""
+    stopped = torch.tensor(float(stopped_under_this_torchrun(output_dir)), device=info.device)
+    if info.world_size > 1:
+        stopped = all_reduce_mean(stopped)
+    if stopped.item() > 0:
+        _logger.warning("this torchrun already stopped the run in %s; exiting with code %d instead of resuming "
+                        "(start a new torchrun, e.g. rerun the command, to resume)", output_dir, EXIT_STOPPED)
+        sys.exit(EXIT_STOPPED)
 
 
 # ---------------------------------------------------------------- setup
 
-def check_updates_per_epoch(num_batches: int, args: argparse.Namespace, dataset_size: int, world_size: int) -> int:
-    updates = updates_per_epoch(num_batches, args.update_freq)
+def check_updates_per_epoch(updates: int, args: argparse.Namespace, dataset_size: int, world_size: int) -> None:
     if updates < 1:
         raise ConfigError(f"--batch_size {args.batch_size} / --update_freq {args.update_freq}: each process gets "
                           f"{dataset_size // world_size} images, fewer than one optimizer update "
                           f"(batch_size * update_freq = {args.batch_size * args.update_freq}); lower them")
-    return updates
 
 
-def build_training(args: argparse.Namespace, info: DistributedInfo, task: Task, lr: float) -> Training:
+def build_model_and_stepper(args: argparse.Namespace, info: DistributedInfo, task: Task,
+                            lr: float) -> tuple[nn.Module, nn.Module, GradientStepper]:
+    """(model as checkpoints hold it, the model trained: DDP / torch.compile wrapped, its stepper)."""
     seed_everything(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = task.build_model().to(info.device)
     optimizer = build_adamw(model, lr, args.weight_decay, task.adamw_betas, param_group_fn=task.param_group_fn)
@@ -182,16 +179,17 @@ def build_training(args: argparse.Namespace, info: DistributedInfo, task: Task, 
     if args.compile:
         train_model = torch.compile(train_model)
     ema = build_model_ema(model, task.ema_decay) if task.ema_decay is not None else None
-    stepper = EmaGradientStepper(train_model, optimizer, ema, model, amp=args.amp, update_freq=args.update_freq,
-                                 clip_grad=args.clip_grad)
-    return Training(model, train_model, optimizer, stepper, ema)
+    stepper = GradientStepper(train_model, optimizer, amp=args.amp, update_freq=args.update_freq,
+                              clip_grad=args.clip_grad, ema=ema, ema_source=model)
+    return model, train_model, stepper
 
 
-def resume(args: argparse.Namespace, info: DistributedInfo, task: Task, training: Training) -> Position:
-    """Load --resume, or the newest valid checkpoint with --auto_resume, after the task's checks."""
+def resume(args: argparse.Namespace, info: DistributedInfo, task: Task, model: nn.Module,
+           stepper: GradientStepper) -> ResumePoint:
+    """Load --resume, or the newest valid checkpoint with --auto_resume, after the checks."""
     found = find_resume_checkpoint(args, info)
     if found is None:
-        return Position()
+        return ResumePoint()
     path, state = found
     advice = "or pass another --resume checkpoint" if args.resume else "or use another --output_dir"
     saved_model = state.get("config", {}).get("model")
@@ -199,14 +197,15 @@ def resume(args: argparse.Namespace, info: DistributedInfo, task: Task, training
         raise ConfigError(f"--model {args.model}: checkpoint {path} holds a {saved_model}; "
                           f"use --model {saved_model} {advice}")
     task.check_checkpoint(path, state, advice)
-    restore_training_state(path, state, training.model, training.optimizer, training.stepper, info.world_size)
-    if training.ema is not None:
+    iteration = check_run_layout(path, state, args, info.world_size)
+    restore_training_state(path, state, model, stepper.optimizer, stepper)
+    if stepper.ema is not None:
         if "model_ema" in state:
-            training.ema.module.load_state_dict(state["model_ema"])
+            stepper.ema.module.load_state_dict(state["model_ema"])
         else:
-            training.ema.set(training.model)
+            stepper.ema.set(model)
     task.state.update({key: state[key] for key in task.state if key in state})
-    return Position(int(state["epoch"]), int(state.get("iteration", 0)), state.get("progress"))
+    return ResumePoint(int(state["epoch"]), iteration, state.get("progress") if iteration else None)
 
 
 def device_peak_tflops(device: torch.device, amp: str) -> Optional[float]:
@@ -222,60 +221,118 @@ def count_unreadable(dataset, device: torch.device) -> int:
     return round(all_reduce_mean(local).item() * get_world_size())
 
 
-# ---------------------------------------------------------------- checkpoints inside and between epochs
-
-class CheckpointCadence:
-    """When to checkpoint and whether to stop, agreed by every rank at update boundaries.
-
-    ``--save_ckpt_steps`` counts updates (the same on every rank); ``--save_ckpt_minutes`` is
-    rank 0's clock; a stop request may come to any rank. With several processes the two flags
-    are all-reduced (max) over a gloo group, on the CPU: the GPU stream is never waited on."""
-
-    def __init__(self, args: argparse.Namespace, info: DistributedInfo):
-        self.steps, self.minutes, self.is_main = args.save_ckpt_steps, args.save_ckpt_minutes, info.is_main
-        timeout = datetime.timedelta(seconds=args.dist_timeout)
-        self.group = dist.new_group(backend="gloo", timeout=timeout) if info.world_size > 1 else None
-        self.last_save = time.monotonic()
-
-    def saved(self) -> None:
-        self.last_save = time.monotonic()
-
-    def agree(self) -> tuple[bool, bool]:
-        """(minutes since the last checkpoint passed on rank 0, a stop requested on any rank)."""
-        time_due = self.minutes is not None and self.is_main and time.monotonic() - self.last_save >= 60 * self.minutes
-        stop = stop_requested()
-        if self.group is not None:
-            flags = torch.tensor([int(time_due), int(stop)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            time_due, stop = (bool(flag) for flag in flags.tolist())
-        return time_due, stop
-
-    def barrier(self) -> None:
-        """Wait for every rank (e.g. until rank 0 has written the checkpoint before all exit)."""
-        if self.group is not None:
-            dist.barrier(group=self.group)
+def open_outputs(args: argparse.Namespace, info: DistributedInfo,
+                 derived: dict) -> tuple[TensorBoardWriter, MetricsLog]:
+    """Create --output_dir's files (rank 0): train.log (with what was logged so far), config.yaml."""
+    output_dir = Path(args.output_dir)
+    if info.is_main:
+        check_output_folders(args)
+        start_log_file(output_dir / "train.log")
+        save_config(args, output_dir / "config.yaml", derived)
+        remove_stop_marker(output_dir)  # a new launch resumes a stopped run
+    tensorboard = TensorBoardWriter((args.log_dir or output_dir / "tensorboard") if info.is_main else None)
+    return tensorboard, MetricsLog(output_dir / "metrics.jsonl" if info.is_main else None)
 
 
-class Run:
-    """One call of ``run_training`` once everything is set up: the epochs, and checkpoints at the
-    right moments."""
+# ---------------------------------------------------------------- the epochs
 
-    def __init__(self, args: argparse.Namespace, info: DistributedInfo, task: Task, training: Training, loader,
-                 scheduler, tensorboard: TensorBoardWriter, metrics_log: MetricsLog):
-        self.args, self.info, self.task, self.training = args, info, task, training
+class Trainer:
+    """The epochs of one run, and its checkpoints (see the module docstring)."""
+
+    def __init__(self, args: argparse.Namespace, info: DistributedInfo, task: Task, model: nn.Module,
+                 train_model: nn.Module, stepper: GradientStepper, loader, scheduler, tensorboard: TensorBoardWriter,
+                 metrics_log: MetricsLog):
+        self.args, self.info, self.task = args, info, task
+        self.model, self.train_model, self.stepper = model, train_model, stepper
         self.loader, self.scheduler, self.tensorboard, self.metrics_log = loader, scheduler, tensorboard, metrics_log
-        self.iterations = updates_per_epoch(len(loader), args.update_freq) * args.update_freq
-        self.cadence = CheckpointCadence(args, info)
+        self.iterations = stepper.updates_per_epoch(len(loader)) * stepper.update_freq
+        self.agreement = Agreement(job_store(), info.rank, info.world_size, args.save_ckpt_minutes, args.dist_timeout)
+        self.agents = all_gather_objects(torchrun_agent())  # for the stop marker
+        self.reseed = reseed_every_micro_batch(args.seed, info.rank)
+        self.peak = device_peak_tflops(info.device, args.amp)
+        self.flops_per_image = self.count_flops() if self.peak is not None else None
+
+    def fit(self, start: ResumePoint) -> Optional[dict]:
+        """The epochs from ``start`` to --epochs: the last epoch's record ({} if none was left to
+        train), None when the ranks agreed to stop (a checkpoint was written)."""
+        record: dict = {}
+        for epoch in range(start.epoch, self.args.epochs):
+            stats = self.train_epoch(epoch, start if epoch == start.epoch else ResumePoint(epoch))
+            if stats is None:
+                return None
+            record = self.end_epoch(epoch + 1, stats)
+            if record is None:
+                return None
+        if start.epoch >= self.args.epochs:
+            _logger.info("nothing left to train: %d of %d epochs done", start.epoch, self.args.epochs)
+            if self.info.is_main and self.task.export is not None:
+                self.task.export(self.model, start.epoch, self.tensorboard)
+        if self.info.world_size > 1:
+            report_replicas(self.model, self.info)
+        return record
+
+    def train_epoch(self, epoch: int, start: ResumePoint) -> Optional[dict]:
+        """One epoch from ``start``: its stats, or None when the ranks agreed to stop inside it."""
+        args, stepper = self.args, self.stepper
+        progress = EpochProgress(epoch, args.epochs, self.iterations, stepper, self.info.device, args.print_freq,
+                                 self.tensorboard, start.iteration, start.progress, self.flops_per_image, self.peak,
+                                 args.max_skipped_updates)
+        seed_everything(derive_seed(args.seed, epoch, self.info.rank))  # the loader workers' seeds: this epoch's
+        batches = epoch_batches(self.loader, epoch, start.iteration)
+        for step in train_updates(self.train_model, batches, self.task.loss_fn, stepper, self.scheduler, progress,
+                                  epoch=epoch, start_iteration=start.iteration, reseed=self.reseed):
+            done = step.iteration + 1
+            if done == self.iterations:
+                break  # the end of the epoch evaluates and checkpoints
+            decision = self.agreement.check()
+            if decision.save or decision.stop or self.steps_due(step):
+                progress.log_point(step.iteration)  # read and check before saving
+                path = self.save(epoch, done, progress.state_dict())
+                if decision.stop:
+                    self.stop(path, f"in epoch {epoch + 1} after iteration {done}")
+                    return None
+        return log_skipped_updates(progress.summary(), stepper, self.iterations)
+
+    def end_epoch(self, epochs_done: int, stats: dict) -> Optional[dict]:
+        """Evaluate, log, checkpoint (+ export) when due; the epoch's record, None when stopping."""
+        args, task = self.args, self.task
+        record = {"epoch": epochs_done, **stats, "unreadable_images": count_unreadable(task.train_set,
+                                                                                       self.info.device)}
+        stop = False
+        if task.evaluate is not None:
+            try:
+                evaluation = task.evaluate(self.model, self.stepper.ema.module if self.stepper.ema else None,
+                                           epochs_done)
+            except StopRequested:
+                evaluation, stop = {}, True
+            self.tensorboard.scalars(evaluation, epochs_done, "val/")
+            record.update(evaluation)
+        log_epoch(args, task, record)
+        self.metrics_log.append(record)
+        self.tensorboard.scalars({name: value for name, value in stats.items() if name != "epoch_time_s"},
+                                 epochs_done, "epoch/")
+        decision = self.agreement.check()
+        stop = stop or decision.stop
+        if epochs_done % args.save_ckpt_freq == 0 or epochs_done == args.epochs or decision.save or stop:
+            path = self.save(epochs_done)
+            if stop:
+                self.stop(path, f"after epoch {epochs_done}")
+                return None
+            if self.info.is_main and task.export is not None:
+                task.export(self.model, epochs_done, self.tensorboard)
+        return record
+
+    def steps_due(self, step: Step) -> bool:
+        return self.args.save_ckpt_steps is not None and (step.update + 1) % self.args.save_ckpt_steps == 0
 
     def checkpoint_state(self, epochs_done: int, iteration: int, progress: Optional[dict]) -> dict:
-        training = self.training
-        state = {"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
-                 "stepper": training.stepper.state_dict(), "epoch": epochs_done, "iteration": iteration,
+        state = {"model": self.model.state_dict(), "optimizer": self.stepper.optimizer.state_dict(),
+                 "stepper": self.stepper.state_dict(), "epoch": epochs_done, "iteration": iteration,
                  "config": config_dict(self.args), "world_size": self.info.world_size, **self.task.state}
         if progress is not None:
             state["progress"] = progress
-        if training.ema is not None:
-            state["model_ema"] = training.ema.module.state_dict()
+        if self.stepper.ema is not None:
+            state["model_ema"] = self.stepper.ema.module.state_dict()
         return state
 
     def save(self, epochs_done: int, iteration: int = 0, progress: Optional[dict] = None) -> Path:
@@ -285,89 +342,28 @@ class Run:
         if self.info.is_main:
             save_checkpoint(self.checkpoint_state(epochs_done, iteration, progress), self.args.output_dir,
                             epochs_done, self.args.save_ckpt_num, updates)
-        self.cadence.saved()
+            where = f" (epoch {epochs_done + 1}, iteration {iteration})" if iteration else ""
+            _logger.info("saved %s%s", path.name, where)
+        self.agreement.saved()
         return path
 
     def stop(self, path: Path, where: str) -> None:
-        self.cadence.barrier()  # nobody exits (and makes torchrun stop the others) before the file is complete
-        reason = stop_reason() or "another process's stop request"
-        raise TrainingStopped(f"stopped on {reason} {where}: wrote {path}; rerun the same command to "
-                              f"resume from it (exit code {EXIT_STOPPED})")
+        """After the stop's checkpoint: the stop marker (restarted torchrun workers exit at once),
+        then every rank waits until rank 0 is done, so nobody exits (and makes torchrun stop the
+        others) before the files are complete."""
+        if self.info.is_main:
+            write_stop_marker(self.args.output_dir, self.agents, str(path))
+        self.agreement.barrier("stop")
+        _logger.warning("stopped on %s %s: wrote %s; rerun the same command to resume from it (exit code %d)",
+                        stop_reason() or "another process's stop request", where, path, EXIT_STOPPED)
 
-    def after_update(self, step: Step, progress: EpochProgress) -> None:
-        """Inside an epoch: checkpoint when due, and stop if asked (the epoch's last update is left
-        to the end of the epoch, which evaluates and checkpoints anyway)."""
-        done = step.iteration + 1
-        if done == self.iterations:
-            return
-        time_due, stop = self.cadence.agree()
-        steps_due = self.args.save_ckpt_steps is not None and (step.update + 1) % self.args.save_ckpt_steps == 0
-        if not (time_due or stop or steps_due):
-            return
-        progress.log_point(step.iteration, current_lr(self.training.optimizer))  # read + check before saving
-        path = self.save(step.epoch, done, progress.state_dict())
-        _logger.info("saved %s (epoch %d, iteration %d)", path.name, step.epoch + 1, done)
-        if stop:
-            self.stop(path, f"in epoch {step.epoch + 1} after iteration {done}")
-
-    def end_epoch(self, epochs_done: int) -> None:
-        """Checkpoint (+ the task's export) when the cadence says so; stop if asked."""
-        time_due, stop = self.cadence.agree()
-        if not (epochs_done % self.args.save_ckpt_freq == 0 or epochs_done == self.args.epochs or time_due or stop):
-            return
-        path = self.save(epochs_done)
-        _logger.info("saved %s", path.name)
-        if self.info.is_main and self.task.export is not None and not stop:
-            self.task.export(self.training.model, epochs_done, self.tensorboard)
-        if stop:
-            self.stop(path, f"after epoch {epochs_done}")
-
-    def train(self, position: Position) -> dict:
-        """The epochs from ``position`` to --epochs; returns the last epoch's record ({} if none)."""
-        args, info, task, training = self.args, self.info, self.task, self.training
-        peak = device_peak_tflops(info.device, args.amp)
-        evaluated_ema = training.ema.module if training.ema is not None else None
-        record: dict = {}
-        for epoch in range(position.epoch, args.epochs):
-            resumed_here = epoch == position.epoch
-            seed_everything(derive_seed(args.seed, epoch, info.rank))  # the loader's worker seeds: the epoch's
-            stats = train_one_epoch(training.train_model, self.loader, task.loss_fn, training.stepper, self.scheduler,
-                                    epoch, args.epochs, args.print_freq, self.tensorboard, seed=args.seed,
-                                    start_iteration=position.iteration if resumed_here else 0,
-                                    progress_state=position.progress if resumed_here else None,
-                                    after_update=self.after_update, peak_tflops=peak)
-            stats["unreadable_images"] = count_unreadable(task.train_set, info.device)
-            epochs_done = epoch + 1
-            record = {"epoch": epochs_done, **stats}
-            if task.evaluate is not None:
-                evaluation = task.evaluate(training.model, evaluated_ema, epochs_done)
-                self.tensorboard.scalars(evaluation, epochs_done, "val/")
-                record.update(evaluation)
-            log_epoch(args, task, record)
-            self.metrics_log.append(record)
-            self.tensorboard.scalars({name: value for name, value in stats.items() if name != "epoch_time_s"},
-                                     epochs_done, "epoch/")
-            self.end_epoch(epochs_done)
-        if position.epoch >= args.epochs:
-            _logger.info("nothing left to train: %d of %d epochs done", position.epoch, args.epochs)
-            if info.is_main and task.export is not None:
-                task.export(training.model, position.epoch, self.tensorboard)
-        if info.world_size > 1:
-            report_replicas(training.model, info)
-        return record
-
-
-# ---------------------------------------------------------------- the run
-
-def open_outputs(args: argparse.Namespace, info: DistributedInfo, derived: dict) -> tuple[TensorBoardWriter, MetricsLog]:
-    """Create --output_dir's files (rank 0): train.log (with what was logged so far), config.yaml."""
-    output_dir = Path(args.output_dir)
-    if info.is_main:
-        check_output_folders(args)
-        start_log_file(output_dir / "train.log")
-        save_config(args, output_dir / "config.yaml", derived)
-    tensorboard = TensorBoardWriter((args.log_dir or output_dir / "tensorboard") if info.is_main else None)
-    return tensorboard, MetricsLog(output_dir / "metrics.jsonl" if info.is_main else None)
+    def count_flops(self) -> Optional[float]:
+        """FLOPs per image of a training micro-batch, counted once on fake tensors (for MFU)."""
+        try:
+            batch = default_collate([self.task.train_set[0]] * 2)
+        except Exception:  # noqa: BLE001  (an unreadable first sample: no MFU)
+            return None
+        return count_step_flops(self.model, self.task.loss_fn, batch, Step(0, 0, 0), self.stepper.autocast())
 
 
 def log_epoch(args: argparse.Namespace, task: Task, record: dict) -> None:
@@ -389,30 +385,40 @@ def report_replicas(model: nn.Module, info: DistributedInfo) -> None:
         _logger.error("weights DIFFER across ranks: %s", checksums)
 
 
+# ---------------------------------------------------------------- the run
+
 def run_training(args: argparse.Namespace, info: DistributedInfo, task: Task) -> dict:
     """Train ``task`` until --epochs; returns the last epoch's metrics record ({} if nothing was
-    left to train). Raises ConfigError / run faults for ``launch``; ``TrainingStopped`` on a signal."""
-    with handle_stop_signals():
-        configure_determinism(info.device)
-        loader = build_loader(task.train_set, args.batch_size, args.num_workers, args.seed, info.rank,
-                              info.world_size, info.device, pin_memory=args.pin_mem)
-        workers_ignore_stop_signals(loader)
-        updates = check_updates_per_epoch(len(loader), args, len(task.train_set), info.world_size)
-        effective_batch = effective_batch_size(args.batch_size, args.update_freq, info.world_size)
-        blr = args.blr if args.blr is not None else task.recipe_blr
-        lr = args.lr if args.lr is not None else scaled_lr(blr, effective_batch)
-        training = build_training(args, info, task, lr)
-        position = resume(args, info, task, training)
-        scheduler = build_lr_scheduler(training.optimizer, args.epochs, args.warmup_epochs, updates, args.min_lr)
-        tensorboard, metrics_log = open_outputs(args, info, {
-            "world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
-            "lr": lr, "updates_per_epoch": updates, **task.derived})
-        _logger.info("%s on %s x %d: %d images/epoch, effective batch %d (%d x %d accumulation x %d), lr %.3g, "
-                     "%d epoch%s from epoch %d", task.description, info.device, info.world_size, len(task.train_set),
-                     effective_batch, args.batch_size, args.update_freq, info.world_size, lr, args.epochs,
-                     "" if args.epochs == 1 else "s", position.epoch)
-        try:
-            return Run(args, info, task, training, loader, scheduler, tensorboard, metrics_log).train(position)
-        finally:
-            tensorboard.close()
-            shutdown_workers(loader)
+    left to train). Raises ConfigError / run faults for ``launch``; exits with ``EXIT_STOPPED``
+    when the ranks agreed to stop (a checkpoint was written)."""
+    configure_determinism(info.device)
+    loader = build_loader(task.train_set, args.batch_size, args.num_workers, args.seed, info.rank,
+                          info.world_size, info.device, pin_memory=args.pin_mem)
+    workers_ignore_stop_signals(loader)
+    effective_batch = effective_batch_size(args.batch_size, args.update_freq, info.world_size)
+    lr = args.lr if args.lr is not None else scaled_lr(args.blr if args.blr is not None else task.recipe_blr,
+                                                       effective_batch)
+    model, train_model, stepper = build_model_and_stepper(args, info, task, lr)
+    updates = stepper.updates_per_epoch(len(loader))
+    check_updates_per_epoch(updates, args, len(task.train_set), info.world_size)
+    start = resume(args, info, task, model, stepper)
+    scheduler = build_lr_scheduler(stepper.optimizer, args.epochs, args.warmup_epochs, updates, args.min_lr)
+    tensorboard, metrics_log = open_outputs(args, info, {
+        "world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
+        "lr": lr, "updates_per_epoch": updates, **task.derived})
+    if task.outputs_opened is not None:
+        task.outputs_opened()
+    _logger.info("%s on %s x %d: %d images/epoch, effective batch %d (%d x %d accumulation x %d), lr %.3g, "
+                 "%d epoch%s from epoch %d", task.description, info.device, info.world_size, len(task.train_set),
+                 effective_batch, args.batch_size, args.update_freq, info.world_size, lr, args.epochs,
+                 "" if args.epochs == 1 else "s", start.epoch)
+    try:
+        record = Trainer(args, info, task, model, train_model, stepper, loader, scheduler, tensorboard,
+                         metrics_log).fit(start)
+    finally:
+        tensorboard.close()
+        shutdown_workers(loader)
+    if record is None:
+        sys.exit(EXIT_STOPPED)
+    return record
+

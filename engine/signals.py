@@ -15,6 +15,12 @@ set; the checkpoint is written atomically either way).
 * ``stop_requested()`` / ``stop_reason()``.
 * ``handle_stop_signals()``: context that clears any earlier request, installs the handlers (main
   thread only) and restores the previous ones on exit.
+* Under torchrun with ``--max_restarts``, torchrun restarts workers that exit with any non-zero
+  code, so a run stopped on purpose would resume and run on into the scheduler's kill. The stop
+  therefore also writes ``STOP_MARKER`` (the torchrun agents of the stopped run) next to its
+  checkpoint; workers that the same agents restart see it (``stopped_under_this_torchrun``) and
+  exit with ``EXIT_STOPPED`` at once. A new launch (a requeued job, a rerun command) has new
+  agents: it resumes and removes the marker.
 * ``workers_ignore_stop_signals(loader)``: DataLoader workers ignore SIGTERM / SIGUSR1, which a
   scheduler sends to the whole process group: PyTorch's workers would otherwise die at once and
   take the main process down before it could checkpoint. They still end when the loader tells
@@ -24,13 +30,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 import signal
+import socket
 import threading
+from pathlib import Path
 from typing import Callable, Iterator, Optional
+
+from .checkpoint import atomic_write
 
 EXIT_STOPPED: int = 3
 EXIT_INTERRUPTED: int = 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_MARKER = "stopped-by-torchrun-agents.json"
 
 # A plain module attribute: assigning it is atomic under the GIL, so a signal handler or another
 # thread can set it without a lock (a lock taken in a handler could deadlock the main thread).
@@ -89,3 +102,38 @@ def workers_ignore_stop_signals(loader) -> None:
     """Make ``loader``'s worker processes (started later) ignore the stop signals; its own
     ``worker_init_fn`` still runs after that."""
     loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
+
+
+def torchrun_agent() -> Optional[str]:
+    """The torchrun agent this worker runs under (its host, pid and start time), None outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    parent = os.getppid()
+    try:  # field 22 of /proc/<pid>/stat: the start time, which tells a reused pid apart
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "unknown"
+    return f"{socket.gethostname()}/{parent}/{started}"
+
+
+def write_stop_marker(output_dir: str | os.PathLike, agents: list[Optional[str]], checkpoint: str) -> None:
+    """After a stop under torchrun: name the agents whose restarted workers must not resume."""
+    agents = sorted({agent for agent in agents if agent is not None})
+    if agents:
+        text = json.dumps({"agents": agents, "checkpoint": checkpoint}, indent=1)
+        atomic_write(Path(output_dir) / STOP_MARKER, lambda file: file.write(text.encode()))
+
+
+def stopped_under_this_torchrun(output_dir: str | os.PathLike) -> bool:
+    """Whether this worker's torchrun agent already stopped the run in ``output_dir``."""
+    agent, marker = torchrun_agent(), Path(output_dir) / STOP_MARKER
+    if agent is None or not marker.is_file():
+        return False
+    try:
+        return agent in json.loads(marker.read_text())["agents"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def remove_stop_marker(output_dir: str | os.PathLike) -> None:
+    (Path(output_dir) / STOP_MARKER).unlink(missing_ok=True)

@@ -32,7 +32,7 @@ import models
 from engine.config import Check, ConfigError
 from engine.data import ImageFolderSkippingUnreadable
 from engine.distributed import get_rank, get_world_size
-from engine.loop import amp_autocast
+from engine.stepper import amp_autocast
 from finetune.data import check_same_classes
 from finetune.features import extract_pooled
 from finetune.knn import knn_accuracy

@@ -4,7 +4,8 @@ Folders: training images under ``<data_path>/train`` (or ``<data_path>`` itself 
 the class folders), validation images under ``<eval_data_path>/val`` or ``<eval_data_path>``,
 else ``<data_path>/val``. Both splits must have the same class folders: a label is the index
 of its folder name in sorted order, so a class missing from one split would silently shift
-every later label.
+every later label. Images outside class folders, or a file list, give no labels: such a
+``--data_path`` is a configuration error naming the layout expected.
 
 Without ``--data_path``: engine's ``EmbeddedPhotos`` (8 scikit-image photographs, label = which
 photo), training and validation crops drawn with different seeds.

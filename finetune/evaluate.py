@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from engine.data import UNREADABLE_TARGET, to_device
-from engine.loop import amp_autocast
+from engine.stepper import amp_autocast
 
 
 @torch.no_grad()

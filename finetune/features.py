@@ -55,7 +55,7 @@ from engine.checkpoint import atomic_write, save_safetensors
 from engine.data import ImageFolderSkippingUnreadable, load_rgb_image
 from engine.distributed import choose_device
 from engine.logging import format_duration, setup_logging
-from engine.loop import amp_autocast
+from engine.stepper import amp_autocast
 
 from .transforms import build_eval_transform
 

@@ -47,3 +47,14 @@ def test_profile_smoke_mode_splits_the_step_into_phases_and_operators():
         assert list(operators.values()) == sorted(operators.values(), reverse=True), f"{mode}: not sorted"
         assert sum(operators.values()) <= result["operator_total_ms"] <= 1.05 * result["step_ms"], (
             f"{mode}: operator self times {result['operator_total_ms']} ms exceed the step {result['step_ms']} ms")
+
+
+def test_agreement_cost_smoke_mode_measures_both_checks_on_two_ranks(capsys):
+    from benchmarks.agreement_cost import main
+
+    results = main(["--smoke"])
+    assert set(results) == {0, 1}
+    for rank in (0, 1):
+        assert set(results[rank]) == {"store agreement", "gloo all-reduce on a side group"}
+        assert all(value > 0 for value in results[rank].values())
+    assert "| store agreement |" in capsys.readouterr().out

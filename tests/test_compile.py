@@ -3,7 +3,10 @@ and give the eager losses and gradients."""
 import pytest
 import torch
 
+from engine.checkpoint import load_checkpoint
 from fcmae import build_fcmae, random_masking
+from finetune_helpers import make_colour_folder
+from reliability.faults import finetune_args, finish, start_script
 from finetune.model import build_finetune_model
 from tests.conftest import randomize_grn, relative_error
 
@@ -44,3 +47,26 @@ def test_finetune_model_compiles_to_one_graph_matching_eager():
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])
     assert_compiled_matches_eager(model, lambda m: torch.nn.functional.cross_entropy(m(images), labels),
                                   backend="aot_eager")
+
+
+def test_compile_through_the_runner_on_two_gloo_ranks_with_accumulation_ema_and_checkpoints(tmp_path):
+    """``finetune.py --compile`` under torchrun: DDP (no_sync on accumulating micro-batches) inside
+    torch.compile, the EMA, mid-epoch and epoch checkpoints; the weights match the eager run's."""
+    data = tmp_path / "data"
+    make_colour_folder(data / "train", per_class=4, size=24, seed=0)
+    make_colour_folder(data / "val", per_class=1, size=24, seed=1)
+    states = {}
+    for mode in ("eager", "compiled"):
+        output = tmp_path / mode
+        compile_flag = ["--compile"] if mode == "compiled" else []
+        argv = finetune_args(data, output, "--update_freq", "2", "--save_ckpt_steps", "1", *compile_flag, epochs=2)
+        run = start_script("finetune.py", argv, tmp_path / f"{mode}.log", torchrun=2)
+        finish(run, tmp_path / f"{mode}.log", timeout=900)
+        assert "weights identical on all 2 ranks" in (output / "train.log").read_text()
+        states[mode] = load_checkpoint(output / "checkpoint-2.pth")
+    assert states["compiled"]["model"].keys() == states["eager"]["model"].keys()  # no wrapper prefixes
+    for entry in ("model", "model_ema"):
+        for name, tensor in states["eager"][entry].items():
+            if tensor.is_floating_point():
+                error = relative_error(states["compiled"][entry][name], tensor)
+                assert error < 1e-3, f"{entry}.{name}: compiled differs from eager by {error:.2e}"

@@ -2,17 +2,17 @@
 between log points, a compiled FCMAE step, a fine-tuning step.
 
 Marked ``cuda`` (``pytest -m cuda``; ``bash scripts/gpu_check.sh`` runs them) and skipped
-without CUDA. They use the CLIs' own loss functions and ``engine.loop.GradientStepper``.
+without CUDA. They use the CLIs' own loss functions and ``engine.stepper.GradientStepper``.
 """
 import contextlib
 
 import pytest
 import torch
 
-from engine.loop import GradientStepper, Step
+from engine.loop import Step
 from engine.optim import build_adamw
 from fcmae import build_fcmae, keep_count, random_masking
-from engine.ema import EmaGradientStepper, build_model_ema
+from engine.stepper import GradientStepper, build_model_ema
 from finetune.mixup import build_mixup, build_train_criterion
 from finetune.model import build_finetune_model
 from finetune_helpers import load_finetune_script
@@ -90,10 +90,12 @@ def run_micro_batches(model, stepper, loss_fn, batches, first_iteration=0):
     losses = []
     for offset, batch in enumerate(batches):
         iteration = first_iteration + offset
-        with stepper.sync_context(iteration):
+        with stepper.micro_batch(iteration):
             with stepper.autocast():
                 loss, _ = loss_fn(model, batch, Step(0, iteration, iteration // stepper.update_freq))
-            stepper.backward(loss, iteration)
+            stepper.backward(loss)
+        if stepper.ends_update(iteration):
+            stepper.step()
         losses.append(loss.detach())
     return losses
 
@@ -142,8 +144,8 @@ def test_finetuning_micro_batches_never_wait_for_the_gpu():
     model = build_finetune_model("convnextv2_atto", num_classes=10, drop_path=0.1).to(DEVICE)
     mixup_fn = build_mixup(10, mixup=0.8, cutmix=1.0, smoothing=0.1)
     optimizer = build_adamw(model, 1e-4, 0.05, (0.9, 0.999))
-    stepper = EmaGradientStepper(model, optimizer, build_model_ema(model, 0.9999), model,
-                                 amp="bf16", update_freq=2, clip_grad=1.0)
+    stepper = GradientStepper(model, optimizer, amp="bf16", update_freq=2, clip_grad=1.0,
+                              ema=build_model_ema(model, 0.9999))
     loss_fn = cli.make_loss_fn(mixup_fn, build_train_criterion(mixup_fn, 0.1), DEVICE)
     run_micro_batches(model, stepper, loss_fn, image_batches(2))
     before = [param.detach().clone() for param in model.parameters()]

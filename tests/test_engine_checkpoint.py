@@ -1,4 +1,5 @@
 """engine.checkpoint + engine.seeding: atomic files, epoch and mid-epoch checkpoints, keep-last-N, corrupt files."""
+import argparse
 import logging
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine import checkpoint as ckpt
+from engine.errors import ConfigError
 from engine.seeding import derive_seed
 
 
@@ -100,14 +102,27 @@ def test_derived_seeds_depend_on_every_index():
     assert all(0 <= seed < 2**63 for seed in seeds)
 
 
-def test_resume_with_another_world_size_is_named_and_older_files_are_not_compared(caplog):
-    state = {"config": {"num_workers": 4}, "world_size": 8}
+def layout(batch_size=4, update_freq=2, allow=False):
+    return argparse.Namespace(batch_size=batch_size, update_freq=update_freq, allow_layout_change=allow)
+
+
+def test_resume_with_another_run_layout_is_refused_naming_what_to_restore(caplog):
+    state = {"config": {"num_workers": 4, "batch_size": 4, "update_freq": 2}, "world_size": 8, "iteration": 6}
+    assert ckpt.check_run_layout("ck.pth", state, layout(), 8) == 6
+    with pytest.raises(ConfigError, match=r"world_size 8 -> 1\): .*restore 8 processes .*--allow_layout_change"):
+        ckpt.check_run_layout("ck.pth", state, layout(), 1)
+    with pytest.raises(ConfigError, match=r"batch_size 4 -> 8, update_freq 2 -> 1\).*restore --batch_size 4 and "
+                                          r"--update_freq 2"):
+        ckpt.check_run_layout("ck.pth", state, layout(8, 1), 8)
+    assert ckpt.check_run_layout("old.pth", {"config": {}, "iteration": 6}, layout(), 1) == 6  # older: not compared
+
+
+def test_an_allowed_layout_change_resumes_after_the_same_number_of_images(caplog):
+    state = {"config": {"batch_size": 4, "update_freq": 2}, "world_size": 8, "iteration": 6}  # 6 * 4 * 8 images
     with caplog.at_level(logging.WARNING):
-        assert ckpt.warn_if_run_layout_differs("ck.pth", state, 8) == []
-        assert caplog.text == ""
-        assert ckpt.warn_if_run_layout_differs("ck.pth", state, 1) == ["world size 8 -> 1"]
-    assert "effective batch, lr, updates per epoch and data order change" in caplog.text
-    assert ckpt.warn_if_run_layout_differs("old.pth", {"config": {}}, 1) == []  # written before the layout was saved
+        assert ckpt.check_run_layout("ck.pth", state, layout(8, 1, allow=True), 2) == 12  # 192 images / 16
+        assert ckpt.check_run_layout("ck.pth", state, layout(4, 4, allow=True), 5) == 8  # 192 // 80 = 2 updates of 4
+    assert "not as the uninterrupted run" not in caplog.text and "differ from the uninterrupted run" in caplog.text
 
 
 @pytest.mark.parametrize("content, named", [(b"version https://git-lfs\n", "(text)"), (b"", "is empty (0 bytes)")])

@@ -261,6 +261,20 @@ def test_resolution_fills_only_what_was_left_to_the_machine(restore_fp32_precisi
     assert (args.amp, args.num_workers, args.pin_mem) == ("none", 1, False)
 
 
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:3"])
+def test_a_fixed_gpu_under_torchrun_with_several_local_processes_is_refused(device, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    args = parse_args(make_parser(), ["--device", device])
+    with pytest.raises(ConfigError, match=rf"--device '{device}': names one device, but torchrun runs several "
+                                          r"processes on this node .* pass --device cuda"):
+        validate(args, TRAINING_CHECKS)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node: the index is its own choice
+    try:
+        validate(args, TRAINING_CHECKS)
+    except ConfigError as error:  # without that GPU here: only that is reported
+        assert "torchrun runs several processes" not in str(error)
+
+
 @pytest.mark.parametrize("cli", list(CLIS))
 def test_every_flag_typed_with_dashes_is_read_as_the_flag(cli):
     parser = CLIS[cli].build_parser()

@@ -6,10 +6,12 @@ import torch
 import torch.nn as nn
 
 import fcmae
+from engine.flops import count_step_flops, model_flops_utilization, peak_tflops
 from engine.logging import ProgressMeter
-from engine.flops import model_flops_utilization, peak_tflops
-from engine.loop import GradientStepper, NonFiniteLossError, Step, count_step_flops, is_log_point, train_one_epoch
+from engine.loop import Step, train_one_epoch
 from engine.optim import build_adamw
+from engine.progress import NonFiniteLossError, is_log_point
+from engine.stepper import GradientStepper
 from engine.schedule import build_lr_scheduler
 
 torch.set_num_threads(1)  # shared CPU: one thread avoids oversubscription stalls
@@ -175,7 +177,7 @@ def test_step_flops_count_a_depthwise_conv_backward_once_not_per_group():
     def loss_fn(model, batch, step):
         return model(batch).sum(), {}
 
-    flops = count_step_flops(conv, loss_fn, torch.randn(2, 4, 8, 8), Step(0, 0, 0), stepper)
+    flops = count_step_flops(conv, loss_fn, torch.randn(2, 4, 8, 8), Step(0, 0, 0), stepper.autocast())
     forward = 2 * (4 * 8 * 8) * (3 * 3)  # multiply-adds of each output element of one image
     assert flops == 2 * forward  # forward + weight gradient (the input needs none)
     assert conv.weight.grad is None, "the counted step must leave no gradient behind"

@@ -11,9 +11,8 @@ import fcmae
 import models
 from engine.config import ConfigError, parse_args, validate
 from engine.data import UNREADABLE_TARGET
-from engine.loop import GradientStepper
 from finetune.data import build_datasets, check_same_classes
-from engine.ema import EmaGradientStepper, build_model_ema
+from engine.stepper import GradientStepper, build_model_ema
 from finetune.evaluate import evaluate
 from finetune.mixup import build_mixup, build_train_criterion
 from finetune.model import HEAD_INIT_STD, build_finetune_model
@@ -76,15 +75,16 @@ def test_ema_stepper_updates_the_average_once_per_optimizer_update():
     model = nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = build_model_ema(model, decay=0.5)
-    stepper = EmaGradientStepper(model, optimizer, ema, model, update_freq=2)
+    stepper = GradientStepper(model, optimizer, update_freq=2, ema=ema)
     expected = model.weight.detach().clone()
     for iteration in range(6):  # 6 micro-batches, 3 optimizer updates
-        stepped = stepper.backward(model(torch.randn(8, 4)).pow(2).mean(), iteration) is not None
+        stepper.backward(model(torch.randn(8, 4)).pow(2).mean())
+        stepped = stepper.ends_update(iteration)
         assert stepped == (iteration % 2 == 1)
         if stepped:
+            stepper.step()
             expected = 0.5 * expected + 0.5 * model.weight.detach()
     torch.testing.assert_close(ema.module.weight, expected, rtol=0, atol=1e-7)
-    assert isinstance(stepper, GradientStepper)
 
 
 # ---------------------------------------------------------------- data

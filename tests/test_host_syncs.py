@@ -17,8 +17,9 @@ import torch
 
 import fcmae
 import pretrain
-from engine.ema import EmaGradientStepper, build_model_ema
-from engine.loop import GradientStepper, is_log_point, train_one_epoch
+from engine.loop import train_one_epoch
+from engine.progress import is_log_point
+from engine.stepper import GradientStepper, build_model_ema
 from engine.schedule import build_lr_scheduler
 from finetune.layer_decay import param_groups_layer_decay
 from finetune.mixup import build_mixup, build_train_criterion
@@ -72,7 +73,7 @@ def test_finetuning_micro_batches_with_ema_and_mixup_do_not_sync_between_log_poi
     groups = param_groups_layer_decay(model, (2, 2, 6, 2), 0.05, 0.9, "single")
     optimizer = torch.optim.AdamW(groups, lr=1e-3, fused=True)
     ema = build_model_ema(model, 0.9)
-    stepper = EmaGradientStepper(model, optimizer, ema, model, update_freq=1)
+    stepper = GradientStepper(model, optimizer, update_freq=1, ema=ema)
     mixup = build_mixup(4, 0.8, 1.0, None, 1.0, 0.5, "batch", 0.1)
     loss_fn = load_finetune_script().make_loss_fn(mixup, build_train_criterion(mixup, 0.1), torch.device("cpu"))
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))) for _ in range(ITERATIONS)]

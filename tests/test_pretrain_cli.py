@@ -209,3 +209,19 @@ def test_a_run_with_workers_leaves_no_worker_process_behind_even_when_it_fails(t
         pretrain.main(tiny_args(tiny_run[0].parent / "data", tmp_path / "out", "--epochs", "1", "--num_workers", "2"))
     assert failure.traceback, "the traceback (and with it the loader) is still referenced"
     assert multiprocessing.active_children() == []
+
+
+def test_resuming_with_another_batch_size_is_refused_unless_allowed(tmp_path, capsys, caplog):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    output = tmp_path / "out"
+    pretrain.main(tiny_args(data, output, "--epochs", "1"))
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(tiny_args(data, output, "--epochs", "2", "--batch_size", "4"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "was written with another run layout (batch_size 2 -> 4)" in error and "restore --batch_size 2" in error
+    assert sorted(path.name for path in output.glob("checkpoint-*.pth")) == ["checkpoint-1.pth"]
+    with caplog.at_level(logging.INFO):
+        pretrain.main(tiny_args(data, output, "--epochs", "2", "--batch_size", "4", "--allow_layout_change"))
+    assert f"resumed from {output / 'checkpoint-1.pth'}" in caplog.text
+    assert load_checkpoint(output / "checkpoint-2.pth")["config"]["batch_size"] == 4

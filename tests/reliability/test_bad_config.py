@@ -30,6 +30,7 @@ SHARED = {
     "--min_lr": ["-0.000001", "inf"],
     "--weight_decay": ["-0.05", "nan"],
     "--clip_grad": ["0", "-1", "inf"],
+    "--max_skipped_updates": ["0"],
     "--embedded_samples": ["0"],
     "--num_workers": ["-1"],
     "--save_ckpt_freq": ["0"],

@@ -43,7 +43,7 @@ def file_snapshot(path):
 def test_unwritable_folder_fails_at_start_naming_the_flag(cli, flag, pretrain_data, finetune_data, tmp_path,
                                                           monkeypatch, capsys):
     module = cli_module(cli)
-    monkeypatch.setattr(engine.runner, "train_one_epoch", lambda *args, **kwargs: pytest.fail("training started"))
+    monkeypatch.setattr(engine.runner, "train_updates", lambda *args, **kwargs: pytest.fail("training started"))
     (tmp_path / "a_file").write_text("a file where a folder should be")
     unwritable = tmp_path / "a_file" / "out"
     output = unwritable if flag == "--output_dir" else tmp_path / "out"

@@ -1,4 +1,5 @@
-"""A non-finite loss stops the run cleanly; fp16 overflows are counted, not fatal (issue 5, item 6).
+"""A non-finite loss stops the run cleanly; an update with non-finite gradients is skipped and
+counted, and too many in a row stop the run cleanly; fp16 overflows are counted, not fatal.
 
 NaN is injected into the input images of one iteration (as a corrupt sample would be) through the
 CLIs' own loss functions. The run must exit with code 1 and an error naming the epoch and
@@ -113,3 +114,58 @@ def test_a_nan_between_log_points_is_caught_before_a_mid_epoch_checkpoint(pretra
     assert "saved checkpoint-1-2.pth" in caplog.text  # the update before the NaN was checkpointed
     assert sorted(path.name for path in output.glob("checkpoint-*.pth")) == ["checkpoint-1-2.pth", "checkpoint-1.pth"]
     assert "epoch 2/2 [3/4]" not in caplog.text, "the NaN iteration was logged as if it were fine"
+
+
+def nan_gradient_injecting(make_loss_fn, bad_steps):
+    """Wrap a CLI's ``make_loss_fn``: at the (epoch, iteration)s in ``bad_steps`` the loss stays
+    finite but one weight's gradient is NaN (d/dw sqrt(0 * w) = 0 * inf)."""
+
+    def make(*args, **kwargs):
+        loss_fn = make_loss_fn(*args, **kwargs)
+
+        def loss_with_nan_gradient(model, batch, step):
+            loss, metrics = loss_fn(model, batch, step)
+            if (step.epoch, step.iteration) in bad_steps:
+                weight = next(model.parameters())
+                loss = loss + (weight.flatten()[0] * 0.0).sqrt()
+            return loss, metrics
+
+        return loss_with_nan_gradient
+
+    return make
+
+
+@pytest.mark.parametrize("cli", ["pretrain", "finetune"])
+def test_an_update_with_nan_gradients_and_a_finite_loss_is_skipped_and_counted(cli, pretrain_data, finetune_data,
+                                                                               tmp_path, monkeypatch, caplog):
+    module = pretrain if cli == "pretrain" else load_finetune_script()
+    output = tmp_path / "out"
+    argv = (pretrain_args(pretrain_data, output, epochs=2) if cli == "pretrain"
+            else finetune_args(finetune_data, output, epochs=2))
+    monkeypatch.setattr(module, "make_loss_fn", nan_gradient_injecting(module.make_loss_fn, {(0, 1)}))
+    with caplog.at_level(logging.INFO):
+        module.main(argv)
+    assert "1 of 4 optimizer updates were skipped this epoch: their gradients were inf/NaN" in caplog.text
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [record["skipped_updates"] for record in records] == [1, 0]
+    state = load_checkpoint(output / "checkpoint-2.pth")
+    assert state["stepper"]["skipped_updates"] == 1 and state["stepper"]["skipped_in_row"] == 0
+    for entry in ("model", "model_ema") if cli == "finetune" else ("model",):
+        assert all(torch.isfinite(tensor).all() for tensor in state[entry].values()), entry
+    moments = [value for per_param in state["optimizer"]["state"].values() for value in per_param.values()]
+    assert all(torch.isfinite(tensor).all() for tensor in moments), "the skipped update reached AdamW's moments"
+
+
+def test_updates_skipped_in_a_row_stop_the_run_and_keep_the_last_checkpoint(pretrain_data, tmp_path, monkeypatch,
+                                                                            caplog):
+    output = tmp_path / "out"
+    argv = pretrain_args(pretrain_data, output, "--max_skipped_updates", "2", epochs=2)
+    monkeypatch.setattr(pretrain, "make_loss_fn", nan_gradient_injecting(pretrain.make_loss_fn, {(1, 1), (1, 2)}))
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        pretrain.main(argv)
+    assert exit_info.value.code == 1
+    assert "2 optimizer updates in a row were skipped because the gradients were inf/NaN (epoch 1" in caplog.text
+    assert "--max_skipped_updates" in caplog.text
+    assert sorted(path.name for path in output.glob("checkpoint-*.pth")) == ["checkpoint-1.pth"]
+    kept = load_checkpoint(output / "checkpoint-1.pth")["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in kept.values())

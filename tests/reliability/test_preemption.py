@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -17,8 +18,9 @@ import pretrain
 from engine.checkpoint import checkpoint_paths, load_checkpoint
 from engine.signals import EXIT_INTERRUPTED, EXIT_STOPPED, request_stop
 from finetune_helpers import load_finetune_script
-from reliability.faults import (POLL_S, assert_states_equal, finetune_args, finish, log_contains, pretrain_args,
-                                process_with_rank, progress_by_iteration, sigkill, start_script, wait_until)
+from reliability.faults import (POLL_S, SUBPROCESS_ENV, assert_states_equal, finetune_args, finish, log_contains,
+                                pretrain_args, process_with_rank, progress_by_iteration, sigkill, start_script,
+                                wait_until)
 
 EPOCHS = 3  # 4 iterations of batch 2 each
 MID_EPOCH = re.compile(r"checkpoint-\d+-\d+\.pth")
@@ -195,3 +197,29 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_update_and_the_job_res
     finish(rerun, tmp_path / "rerun.out")
     train_log = (output / "train.log").read_text()
     assert f"resumed from {path} (1 epoch and" in train_log and "weights identical on all 2 ranks" in train_log
+
+
+STOP_DURING_SCAN = """
+import os, signal, sys
+import pretrain
+
+scan = pretrain.build_dataset
+
+
+def scan_interrupted_by_sigterm(args):
+    os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice arrives while the folder is scanned
+    return scan(args)
+
+
+pretrain.build_dataset = scan_interrupted_by_sigterm
+pretrain.main(sys.argv[1:])
+"""
+
+
+def test_a_stop_signal_during_the_dataset_scan_is_kept(pretrain_data, tmp_path):
+    output = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", STOP_DURING_SCAN, *pretrain_args(pretrain_data, output, epochs=2)],
+                            env=SUBPROCESS_ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == EXIT_STOPPED, result.stderr[-3000:]
+    assert "stopped on SIGTERM in epoch 1 after iteration 1" in (output / "train.log").read_text()
+    assert [path.name for path in checkpoint_paths(output)] == ["checkpoint-0-1.pth"]
