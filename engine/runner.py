@@ -192,11 +192,11 @@ def resume(args: argparse.Namespace, info: DistributedInfo, task: Task, model: n
         return ResumePoint()
     path, state = found
     advice = "or pass another --resume checkpoint" if args.resume else "or use another --output_dir"
+    task.check_checkpoint(path, state, advice)  # first: the other script's checkpoint is named as such
     saved_model = state.get("config", {}).get("model")
     if saved_model is not None and saved_model != args.model:
         raise ConfigError(f"--model {args.model}: checkpoint {path} holds a {saved_model}; "
                           f"use --model {saved_model} {advice}")
-    task.check_checkpoint(path, state, advice)
     iteration = check_run_layout(path, state, args, info.world_size)
     restore_training_state(path, state, model, stepper.optimizer, stepper)
     if stepper.ema is not None:
