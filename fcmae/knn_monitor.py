@@ -2,9 +2,9 @@
 
 At chosen epochs the current encoder, run as timm's dense ConvNeXt V2 (eval mode, no mask, the
 same parameter tensors: nothing is copied), embeds the images of a labelled folder's ``train/``
-and ``val/`` splits with ``finetune.features.extract_pooled`` (the head's pre-logits; the head
+and ``val/`` splits with ``engine.embeddings.extract_pooled`` (the head's pre-logits; the head
 LayerNorm, which the encoder does not have, is the identity, as for an encoder-only checkpoint),
-and ``finetune.knn`` (weighted k-NN, temperature 0.07) classifies val against train. The
+and ``engine.knn`` (weighted k-NN, temperature 0.07) classifies val against train. The
 labels are used by the monitor only. For a checkpoint of the same epoch, on the same images and
 batch size, the top-1 equals ``python -m finetune.linear_probe``'s k-NN top-1.
 
@@ -29,14 +29,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 import models
+from engine.class_folders import check_same_classes
 from engine.config import Check, ConfigError
 from engine.data import ImageFolderSkippingUnreadable
 from engine.distributed import get_rank, get_world_size
+from engine.embeddings import extract_pooled
+from engine.eval_transform import build_eval_transform
+from engine.knn import knn_accuracy
 from engine.loop import amp_autocast
-from finetune.data import check_same_classes
-from finetune.features import extract_pooled
-from finetune.knn import knn_accuracy
-from finetune.transforms import build_eval_transform
 
 _logger = logging.getLogger(__name__)
 

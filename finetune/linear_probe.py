@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader, Subset
 
 import models
 from engine.distributed import choose_device
+from engine.eval_transform import build_eval_transform
+from engine.knn import knn_accuracy
 from engine.logging import setup_logging
 from engine.schedule import build_lr_scheduler
 
 from .data import build_datasets
 from .features import FeatureExtractor, extract_dataset
-from .knn import knn_accuracy
-from .transforms import build_eval_transform
 
 _logger = logging.getLogger(__name__)
 

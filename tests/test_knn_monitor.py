@@ -14,11 +14,11 @@ import pretrain
 from conftest import free_port, randomize_grn
 from engine.checkpoint import save_safetensors
 from engine.data import ImageFolderSkippingUnreadable
+from engine.eval_transform import build_eval_transform
 from fcmae import knn_monitor
 from fcmae.knn_monitor import DenseEncoderView, KNNMonitor, balanced_indices, build_knn_monitor
 from finetune.features import FeatureExtractor
 from finetune.linear_probe import main as linear_probe_main
-from finetune.transforms import build_eval_transform
 from image_folders import make_image_folder
 
 torch.set_num_threads(1)

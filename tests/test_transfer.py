@@ -1,8 +1,8 @@
-"""finetune.knn and finetune.linear_probe: classifiers on frozen features, and the probe CLI."""
+"""engine.knn and finetune.linear_probe: classifiers on frozen features, and the probe CLI."""
 import pytest
 import torch
 
-from finetune.knn import knn_accuracy, knn_predict
+from engine.knn import knn_accuracy, knn_predict
 from finetune.linear_probe import main as linear_probe_main
 from finetune.linear_probe import probe_accuracy, train_linear_probe
 from finetune_helpers import make_colour_folder
