@@ -10,11 +10,13 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import fcmae
+import knn_ranks
 import pretrain
 from conftest import free_port, randomize_grn
 from engine.checkpoint import save_safetensors
 from engine.data import ImageFolderSkippingUnreadable
 from engine.eval_transform import build_eval_transform
+from engine.knn import knn_accuracy
 from fcmae import knn_monitor
 from fcmae.knn_monitor import DenseEncoderView, KNNMonitor, balanced_indices, build_knn_monitor
 from finetune.features import FeatureExtractor
@@ -166,3 +168,23 @@ def test_two_gloo_ranks_give_the_single_process_features_and_top1(tmp_path):
             assert torch.equal(labels, single[split][1]), (rank, split)
             assert torch.equal(features, single[split][0]), f"rank {rank} {split} features differ"
         assert results[rank]["top1"] == single_top1
+
+
+@pytest.mark.slow
+def test_a_bank_sharded_over_two_ranks_gives_the_single_process_knn_top1():
+    # noisy clusters: top-1 between chance and 100%, so a wrong neighbour would show; rank 1 holds
+    # fewer bank rows than k (its top-k is padded) and 5 of the 13 queries
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=generator)
+    bank_labels, query_labels = torch.arange(20) % 3, torch.arange(13) % 3
+    bank = centres[bank_labels] + 1.5 * torch.randn(20, 16, generator=generator)
+    queries = centres[query_labels] + 1.5 * torch.randn(13, 16, generator=generator)
+    expected = knn_accuracy(bank, bank_labels, queries, query_labels, num_classes=3, k=5)
+    assert 100 / 3 < expected < 100
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(knn_ranks.sharded_knn_on_rank, nprocs=WORLD_SIZE, join=True,
+                 args=(free_port(), bank, bank_labels, queries, query_labels, [17, 3], [8, 5], results))
+        results = dict(results)
+    for rank in range(WORLD_SIZE):
+        assert results[rank] == (expected, 13, 20), f"rank {rank}: {results[rank]}"
