@@ -7,6 +7,7 @@
 * ``evaluate``      top-1 / top-5 / loss, exact under distributed evaluation.
 * ``features``      pooled embeddings and stage maps: Python API and ``python -m finetune.features``.
 * ``linear_probe``  linear classifier on frozen features; ``python -m finetune.linear_probe``.
+* ``knn``           k-NN top-1 alone: ``python -m finetune.knn`` (the classifier is ``engine.knn``).
 
 ``finetune.py`` at the repository root is the fine-tuning command line; its layer-wise lr decay
 groups come from ``models.layer_decay``. Import the submodules
