@@ -39,6 +39,7 @@ from engine.logging import TensorBoardWriter
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
 from engine.seeding import derive_seed, generator
+from engine.signals import stop_requested
 from fcmae.knn_monitor import KNN_MONITOR_CHECKS, build_knn_monitor
 from fcmae.visualize import fixed_visual_batch, save_png, visualize_reconstructions
 from models import BACKENDS, encoder_export_state
@@ -143,7 +144,9 @@ def make_knn_evaluation(args: argparse.Namespace, info: DistributedInfo):
         return None
 
     def evaluate(model, ema_model, epochs_done: int) -> dict:
-        return monitor.evaluate(model.encoder) if monitor.due(epochs_done, args.epochs) else {}
+        if not monitor.due(epochs_done, args.epochs):
+            return {}
+        return monitor.evaluate(model.encoder, should_stop=stop_requested)
 
     return evaluate
 

@@ -55,8 +55,8 @@ from .loop import EpochProgress, Step, current_lr, train_one_epoch, updates_per_
 from .optim import build_adamw, effective_batch_size, scaled_lr
 from .schedule import build_lr_scheduler
 from .seeding import configure_determinism, derive_seed, seed_everything
-from .signals import (EXIT_INTERRUPTED, EXIT_STOPPED, handle_stop_signals, stop_reason, stop_requested,
-                      workers_ignore_stop_signals)
+from .signals import (EXIT_INTERRUPTED, EXIT_STOPPED, StopRequested, handle_stop_signals, stop_reason,
+                      stop_requested, workers_ignore_stop_signals)
 
 _logger = logging.getLogger(__name__)
 
@@ -310,9 +310,11 @@ class Run:
         if stop:
             self.stop(path, f"in epoch {step.epoch + 1} after iteration {done}")
 
-    def end_epoch(self, epochs_done: int) -> None:
-        """Checkpoint (+ the task's export) when the cadence says so; stop if asked."""
+    def end_epoch(self, epochs_done: int, stop_agreed: bool = False) -> None:
+        """Checkpoint (+ the task's export) when the cadence says so; stop if asked (``stop_agreed``:
+        the ranks already agreed to stop)."""
         time_due, stop = self.cadence.agree()
+        stop = stop or stop_agreed
         if not (epochs_done % self.args.save_ckpt_freq == 0 or epochs_done == self.args.epochs or time_due or stop):
             return
         path = self.save(epochs_done)
@@ -339,15 +341,19 @@ class Run:
             stats["unreadable_images"] = count_unreadable(task.train_set, info.device)
             epochs_done = epoch + 1
             record = {"epoch": epochs_done, **stats}
+            evaluation_stopped = False
             if task.evaluate is not None:
-                evaluation = task.evaluate(training.model, evaluated_ema, epochs_done)
+                try:
+                    evaluation = task.evaluate(training.model, evaluated_ema, epochs_done)
+                except StopRequested:  # agreed by every rank inside the evaluation: checkpoint without it
+                    evaluation, evaluation_stopped = {}, True
                 self.tensorboard.scalars(evaluation, epochs_done, "val/")
                 record.update(evaluation)
             log_epoch(args, task, record)
             self.metrics_log.append(record)
             self.tensorboard.scalars({name: value for name, value in stats.items() if name != "epoch_time_s"},
                                      epochs_done, "epoch/")
-            self.end_epoch(epochs_done)
+            self.end_epoch(epochs_done, evaluation_stopped)
         if position.epoch >= args.epochs:
             _logger.info("nothing left to train: %d of %d epochs done", position.epoch, args.epochs)
             if info.is_main and task.export is not None:

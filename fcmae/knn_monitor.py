@@ -27,9 +27,14 @@ all on the training device.
 ``--knn_max_images N`` caps each split at N images: the bank is then at most N x width x 4
 bytes in all (N = 20,000 with huge: 0.21 GiB).
 
+Stopping: ``evaluate(encoder, should_stop)`` checks ``should_stop()`` before each batch (the same
+batch index on every rank) and raises ``engine.signals.StopRequested`` once it is True, so a
+scheduler's stop signal does not wait for a whole pass. The embedding loaders' workers ignore
+SIGTERM/SIGUSR1, as the training loader's do.
+
     monitor = build_knn_monitor(args, device)        # None without --knn_data_path: nothing built
     if monitor is not None and monitor.due(epochs_done, args.epochs):
-        stats.update(monitor.evaluate(model.encoder))  # {"knn_top1": %, "knn_time_s": s}
+        stats.update(monitor.evaluate(model.encoder, should_stop))  # {"knn_top1": %, "knn_time_s": s}
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,12 +52,13 @@ from torch.utils.data import DataLoader, Dataset
 import models
 from engine.class_folders import check_same_classes
 from engine.config import Check, ConfigError
-from engine.data import ImageFolderSkippingUnreadable
+from engine.data import ImageFolderSkippingUnreadable, shutdown_workers
 from engine.distributed import get_rank, get_world_size
 from engine.embeddings import extract_pooled
 from engine.eval_transform import build_eval_transform
 from engine.knn import KNN_TEMPERATURE, sharded_knn_top1
 from engine.loop import amp_autocast
+from engine.signals import StopRequested, workers_ignore_stop_signals
 
 _logger = logging.getLogger(__name__)
 
@@ -144,21 +150,28 @@ class KNNMonitor:
         return epochs_done % self.freq == 0 or epochs_done == epochs
 
     @torch.no_grad()
-    def evaluate(self, encoder: nn.Module) -> dict[str, float]:
-        """``{"knn_top1": %, "knn_time_s": seconds}``; every rank must call it (collectives)."""
+    def evaluate(self, encoder: nn.Module, should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+        """``{"knn_top1": %, "knn_time_s": seconds}``; every rank must call it (collectives).
+
+        ``should_stop()`` is called before each batch of the pass, at the same batch index on
+        every rank (so it may be a collective); once it returns True, ``StopRequested`` is raised."""
         start = time.perf_counter()
-        (bank, bank_labels), (queries, query_labels) = (self.embed_split(encoder, split) for split in SPLITS)
+        _logger.info("k-NN monitor: embedding %d train and %d val images", *(len(self.splits[split][1])
+                                                                             for split in SPLITS))
+        (bank, bank_labels), (queries, query_labels) = (self.embed_split(encoder, split, should_stop)
+                                                        for split in SPLITS)
         score = sharded_knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, self.k, KNN_TEMPERATURE)
         seconds = time.perf_counter() - start
         _logger.info("k-NN monitor: %d-NN top-1 %.2f%% (%d val vs %d train images), %.1f s", self.k, score.top1,
                      score.queries, score.references, seconds)
         return {"knn_top1": score.top1, "knn_time_s": seconds}
 
-    def embed_split(self, encoder: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_split(self, encoder: nn.Module, split: str,
+                    should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of ``split``: L2-normalised float32 features (n, C) and labels (n,) of
         the batches it embeds (batch ``b`` of the split goes to rank ``b % world_size``), in order,
         images whose label is negative (unreadable) left out. One buffer of the share's size
-        holds the features."""
+        holds the features; ``should_stop`` as in ``evaluate``."""
         dataset, indices = self.splits[split]
         batches = [indices[start:start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
         rank, world_size = get_rank(), get_world_size()
@@ -168,12 +181,22 @@ class KNNMonitor:
         labels = torch.empty(rows, dtype=torch.int64, device=self.device)
         filled = 0
         loader = DataLoader(dataset, batch_sampler=mine, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
-        for images, targets in loader:
-            batch_features, batch_labels = self.embed_batch(encoder, images, targets)
-            features[filled:filled + len(batch_labels)] = batch_features
-            labels[filled:filled + len(batch_labels)] = batch_labels
-            filled += len(batch_labels)
+                            persistent_workers=self.num_workers > 0, pin_memory=self.device.type == "cuda")
+        workers_ignore_stop_signals(loader)  # a scheduler's SIGTERM goes to the whole process group
+        try:
+            loaded = iter(loader) if mine else None
+            for round_index in range(-(-len(batches) // world_size)):  # every rank: the same number of rounds
+                if should_stop is not None and should_stop():
+                    _logger.info("k-NN monitor: pass stopped before %s batch %d of %d", split,
+                                 round_index * world_size + 1, len(batches))
+                    raise StopRequested(f"k-NN pass stopped in its {split} split")
+                if round_index < len(mine):
+                    batch_features, batch_labels = self.embed_batch(encoder, *next(loaded))
+                    features[filled:filled + len(batch_labels)] = batch_features
+                    labels[filled:filled + len(batch_labels)] = batch_labels
+                    filled += len(batch_labels)
+        finally:
+            shutdown_workers(loader)  # also when stopped: the workers ignore the SIGTERM of interpreter exit
         return features[:filled], labels[:filled]
 
     def embed_batch(self, encoder: nn.Module, images: torch.Tensor,

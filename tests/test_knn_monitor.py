@@ -1,6 +1,7 @@
 """fcmae.knn_monitor: the k-NN monitor of pretraining, alone, inside pretrain.py, and under DDP."""
 import argparse
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ import fcmae
 import knn_ranks
 import pretrain
 from conftest import free_port, randomize_grn
-from engine.checkpoint import save_safetensors
+from engine.checkpoint import load_checkpoint, save_safetensors
 from engine.data import ImageFolderSkippingUnreadable
 from engine.eval_transform import build_eval_transform
 from engine.knn import knn_accuracy
+from engine.signals import EXIT_STOPPED, StopRequested, request_stop
 from fcmae import knn_monitor
 from fcmae.knn_monitor import DenseEncoderView, KNNMonitor, balanced_indices, build_knn_monitor
 from finetune.features import FeatureExtractor
@@ -105,6 +107,48 @@ def test_pretraining_logs_knn_top1_equal_to_the_linear_probe_cli_on_the_checkpoi
     assert probe["train_images"] == 18 and probe["val_images"] == 9
     assert 100 / 3 < probe["knn_acc1"] < 100  # neither chance nor trivial: a feature change could move it
     assert epochs[2]["knn_top1"] == probe["knn_acc1"]
+
+
+def test_should_stop_is_asked_before_every_batch_and_a_true_answer_raises_stop_requested(tmp_path):
+    root = knn_folder(tmp_path, train_per_class=5, val_per_class=2)  # batches of 3: train 4, val 2
+    monitor, encoder = monitor_on(root), trained_looking_encoder()
+    answers = []
+    monitor.evaluate(encoder, should_stop=lambda: answers.append(False) or False)
+    assert len(answers) == 4 + 2
+    answers.clear()
+    with pytest.raises(StopRequested):
+        monitor.evaluate(encoder, should_stop=lambda: answers.append(len(answers) == 2) or answers[-1])
+    assert answers == [False, False, True]  # stopped before the third batch, nothing asked after
+
+
+def test_a_stop_asked_for_in_the_last_iteration_checkpoints_the_epoch_without_its_knn_pass(tmp_path, monkeypatch,
+                                                                                           caplog):
+    data = make_image_folder(tmp_path / "pretrain_data", classes=2, per_class=2)  # 2 iterations of batch 2
+    knn_data = knn_folder(tmp_path / "knn", train_per_class=6, val_per_class=3, classes=3)  # train: 9 batches
+    real_make_loss_fn = pretrain.make_loss_fn
+
+    def make_loss_fn_asking_to_stop(*args, **kwargs):
+        loss_fn = real_make_loss_fn(*args, **kwargs)
+
+        def loss(model, batch, step):
+            if step.iteration == 1:  # the epoch's last: its stop is left to the end of the epoch
+                request_stop("test")
+            return loss_fn(model, batch, step)
+
+        return loss
+
+    monkeypatch.setattr(pretrain, "make_loss_fn", make_loss_fn_asking_to_stop)
+    output = tmp_path / "out"
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exited:
+        pretrain.main(["--model", MODEL, "--input_size", "64", "--batch_size", "2", "--epochs", "2",
+                       "--warmup_epochs", "1", "--data_path", str(data), "--output_dir", str(output),
+                       "--num_workers", "0", "--knn_data_path", str(knn_data), "--knn_k", "5"])
+    assert exited.value.code == EXIT_STOPPED
+    assert "k-NN monitor: pass stopped before train batch 1 of 9" in caplog.text
+    assert f"stopped on test after epoch 1: wrote {output / 'checkpoint-1.pth'}; rerun" in caplog.text
+    assert load_checkpoint(output / "checkpoint-1.pth")["epoch"] == 1
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [(record["epoch"], "knn_top1" in record) for record in records] == [(1, False)]
 
 
 @pytest.mark.parametrize("flag_args, message", [
