@@ -58,7 +58,7 @@ from engine.embeddings import extract_pooled
 from engine.eval_transform import build_eval_transform
 from engine.knn import KNN_TEMPERATURE, sharded_knn_top1
 from engine.loop import amp_autocast
-from engine.signals import StopRequested, workers_ignore_stop_signals
+from engine.signals import StopRequested, stop_signals_blocked, workers_ignore_stop_signals
 
 _logger = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ class KNNMonitor:
                             persistent_workers=self.num_workers > 0, pin_memory=self.device.type == "cuda")
         workers_ignore_stop_signals(loader)  # a scheduler's SIGTERM goes to the whole process group
         try:
-            loaded = iter(loader) if mine else None
+            with stop_signals_blocked():  # until each worker ignores the signals
+                loaded = iter(loader) if mine else None
             for round_index in range(-(-len(batches) // world_size)):  # every rank: the same number of rounds
                 if should_stop is not None and should_stop():
                     _logger.info("k-NN monitor: pass stopped before %s batch %d of %d", split,
