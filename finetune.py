@@ -34,22 +34,24 @@ from typing import Optional, Sequence
 import torch
 
 from engine.checkpoint import FINE_TUNING, atomic_write, latest_valid_checkpoint, other_kind_problem
+from engine.class_folders import check_same_classes
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, config_dict, optional_path, parse_bool)
 from engine.data import build_loader, to_device
 from engine.distributed import DistributedInfo
+from engine.eval_transform import build_eval_transform
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
 from engine.signals import workers_ignore_stop_signals
-from finetune.data import build_datasets, check_same_classes
+from finetune.data import build_datasets
 from finetune.evaluate import evaluate
-from finetune.layer_decay import DECAY_TYPES, param_groups_layer_decay
 from finetune.mixup import MIXUP_MODES, build_mixup, build_train_criterion
 from finetune.model import build_finetune_model
-from finetune.transforms import build_eval_transform, build_train_transform
+from finetune.transforms import build_train_transform
 from models import MODEL_CONFIGS, convert_to_timm, load_pretrained
 from models.checkpoint import read_checkpoint
+from models.layer_decay import DECAY_TYPES, param_groups_layer_decay
 
 _logger = logging.getLogger("finetune")
 
@@ -278,7 +280,7 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
     depths = MODEL_CONFIGS[args.model][0]
     state = {"classes": classes, "best": {}}  # best results so far: {"model": {...}, "ema": {...}}
 
-    def evaluate_epoch(model, ema_model, epochs_done: int) -> dict:
+    def evaluate_epoch(model, ema_model, epochs_done: int, should_stop) -> dict:  # runs to its end
         evaluated = {"model": model, **({"ema": ema_model} if ema_model is not None and args.model_ema_eval else {})}
         return evaluate_and_keep_best(evaluated, val_loader, epochs_done, state["best"], args, classes, info)
 

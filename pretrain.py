@@ -149,8 +149,8 @@ def make_knn_evaluation(args: argparse.Namespace, info: DistributedInfo):
     if monitor is None:
         return None
 
-    def evaluate(model, ema_model, epochs_done: int) -> dict:
-        return monitor.evaluate(model.encoder) if monitor.due(epochs_done, args.epochs) else {}
+    def evaluate(model, ema_model, epochs_done: int, should_stop) -> dict:
+        return monitor.evaluate(model.encoder, should_stop) if monitor.due(epochs_done, args.epochs) else {}
 
     return evaluate
 

@@ -62,6 +62,7 @@ import fcmae  # noqa: E402
 from engine.checkpoint import atomic_write, save_safetensors  # noqa: E402
 from engine.config import DefaultsOnceHelpFormatter  # noqa: E402
 from engine.data import ImageFolderSkippingUnreadable, resolve_image_root  # noqa: E402
+from engine.knn import knn_accuracy  # noqa: E402
 from engine.logging import format_duration, setup_logging  # noqa: E402
 from engine.loop import train_one_epoch  # noqa: E402
 from engine.stepper import GradientStepper  # noqa: E402
@@ -72,11 +73,10 @@ from fcmae.knn_monitor import KNNMonitor  # noqa: E402
 from fcmae.visualize import save_png, visualize_reconstructions  # noqa: E402
 from finetune.evaluate import evaluate  # noqa: E402
 from finetune.features import FeatureExtractor, extract_dataset  # noqa: E402
-from finetune.knn import knn_accuracy  # noqa: E402
-from finetune.layer_decay import param_groups_layer_decay  # noqa: E402
 from finetune.linear_probe import probe_accuracy, train_linear_probe  # noqa: E402
 from finetune.mixup import build_train_criterion  # noqa: E402
 from finetune.model import build_finetune_model  # noqa: E402
+from models.layer_decay import param_groups_layer_decay  # noqa: E402
 
 _logger = logging.getLogger("imagenette_study")
 

@@ -30,6 +30,11 @@
 * ``data``         datasets that skip unreadable files (any folder, class folders, file lists),
                    transforms for N channels, embedded photos, per-sample seeded and resumable
                    distributed loaders, fast JPEG decoding.
+* ``class_folders`` labels = sorted class folder names; two splits must have the same folders.
+* ``eval_transform`` the official evaluation resize / center crop and normalisation.
+* ``embeddings``   pooled embedding and stage maps of a timm ConvNeXt V2.
+* ``knn``          weighted k-NN classifier on frozen features, on one process or a bank sharded
+                   over the ranks.
 * ``cli``          parse + validate, and exit codes for faults (2: configuration, 1: the run).
 * ``slurm``        Slurm jobs through submitit: launcher flags, the submitted callable, stop-save-requeue.
 

@@ -51,8 +51,8 @@ from .progress import EpochProgress
 from .schedule import build_lr_scheduler
 from .seeding import configure_determinism, derive_seed, seed_everything
 from .signals import (EXIT_INTERRUPTED, EXIT_STOPPED, StopRequested, handle_stop_signals, remove_stop_marker,
-                      stop_reason, stopped_under_this_torchrun, torchrun_agent, workers_ignore_stop_signals,
-                      write_stop_marker)
+                      stop_reason, stop_signals_blocked, stopped_under_this_torchrun, torchrun_agent,
+                      workers_ignore_stop_signals, write_stop_marker)
 from .stepper import GradientStepper, build_model_ema
 
 _logger = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ class Task:
     checkpoint, replaced in place by a resumed checkpoint's. ``check_checkpoint(path, state,
     advice)`` raises ConfigError if a checkpoint to resume does not fit this run (``advice``:
     what to do instead, e.g. "or use another --output_dir"). ``evaluate(model, ema_model,
-    epochs_done)`` returns metrics after each epoch (it may raise ``engine.signals.StopRequested``);
+    epochs_done, should_stop)`` returns metrics after each epoch; long evaluations call
+    ``should_stop()`` at the same points on every rank (the ranks' agreed stop) and raise
+    ``engine.signals.StopRequested`` when it says so;
     ``epoch_summary(record)`` adds them to the epoch's log line. ``export(model, epochs_done,
     tensorboard)`` runs on rank 0 with each epoch checkpoint (and once at the end of a run that
     trained nothing). ``outputs_opened()`` runs once the run has started and ``--output_dir``
@@ -92,7 +94,7 @@ class Task:
     state: dict = field(default_factory=dict)
     derived: dict = field(default_factory=dict)  # e.g. num_classes, for config.yaml's header
     check_checkpoint: Callable[[str, dict, str], None] = _accept_checkpoint
-    evaluate: Optional[Callable[[nn.Module, Optional[nn.Module], int], dict]] = None
+    evaluate: Optional[Callable[[nn.Module, Optional[nn.Module], int, Callable[[], bool]], dict]] = None
     epoch_summary: Callable[[dict], str] = lambda record: ""
     export: Optional[Callable[[nn.Module, int, TensorBoardWriter], None]] = None
     outputs_opened: Optional[Callable[[], None]] = None
@@ -278,7 +280,8 @@ class Trainer:
                                  self.tensorboard, start.iteration, start.progress, self.flops_per_image, self.peak,
                                  args.max_skipped_updates)
         seed_everything(derive_seed(args.seed, epoch, self.info.rank))  # the loader workers' seeds: this epoch's
-        batches = epoch_batches(self.loader, epoch, start.iteration)
+        with stop_signals_blocked():  # workers started now ignore the stop signals from their first instruction
+            batches = epoch_batches(self.loader, epoch, start.iteration)
         for step in train_updates(self.train_model, batches, self.task.loss_fn, stepper, self.scheduler, progress,
                                   epoch=epoch, start_iteration=start.iteration, reseed=self.reseed):
             done = step.iteration + 1
@@ -302,7 +305,7 @@ class Trainer:
         if task.evaluate is not None:
             try:
                 evaluation = task.evaluate(self.model, self.stepper.ema.module if self.stepper.ema else None,
-                                           epochs_done)
+                                           epochs_done, lambda: self.agreement.check().stop)
             except StopRequested:
                 evaluation, stop = {}, True
             self.tensorboard.scalars(evaluation, epochs_done, "val/")

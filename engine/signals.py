@@ -25,6 +25,10 @@ set; the checkpoint is written atomically either way).
   scheduler sends to the whole process group: PyTorch's workers would otherwise die at once and
   take the main process down before it could checkpoint. They still end when the loader tells
   them to (and with the main process).
+* ``stop_signals_blocked()``: context that holds SIGTERM / SIGUSR1 back in the calling thread;
+  start a loader's workers inside it (``iter(loader)``) and each starts with the signals blocked,
+  so it cannot die of one in the moment between its fork and the ``worker_init_fn`` that makes it
+  ignore them. A signal sent meanwhile reaches the main process when the context ends.
 """
 from __future__ import annotations
 
@@ -91,9 +95,20 @@ def handle_stop_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """SIGTERM and SIGUSR1 blocked in this thread while inside (and in processes forked meanwhile)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _ignore_stop_signals(worker_init_fn: Optional[Callable[[int], None]], worker_id: int) -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked if started in stop_signals_blocked()
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
 

@@ -2,18 +2,39 @@
 
 At chosen epochs the current encoder, run as timm's dense ConvNeXt V2 (eval mode, no mask, the
 same parameter tensors: nothing is copied), embeds the images of a labelled folder's ``train/``
-and ``val/`` splits with ``finetune.features.extract_pooled`` (the head's pre-logits; the head
+and ``val/`` splits with ``engine.embeddings.extract_pooled`` (the head's pre-logits; the head
 LayerNorm, which the encoder does not have, is the identity, as for an encoder-only checkpoint),
-and ``finetune.knn`` (weighted k-NN, temperature 0.07) classifies val against train. The
-labels are used by the monitor only. For a checkpoint of the same epoch, on the same images and
-batch size, the top-1 equals ``python -m finetune.linear_probe``'s k-NN top-1.
+and ``engine.knn`` (weighted k-NN, temperature 0.07) classifies val against train. The labels
+are used by the monitor only. For a checkpoint of the same epoch, on the same images and batch
+size, the top-1 equals the k-NN top-1 of ``python -m finetune.knn`` (and ``finetune.linear_probe``).
 
-Under DDP the batches are dealt out round-robin to the ranks and the features all-gathered; a
-batch holds the same images whatever the world size, so the result equals the single-process one.
+Under DDP the batches are dealt out round-robin to the ranks; a batch holds the same images
+whatever the world size. Each rank keeps the train features it embedded (its shard of the bank)
+and its val features, and ``engine.knn.sharded_knn_top1`` merges the shards' nearest neighbours
+into those of the whole bank, so the result equals the single-process one.
+
+Memory: the bank is float32, L2-normalised, one copy in all, split over the ranks:
+(train images / ranks) x width x 4 bytes per rank. For ImageNet-1k's 1.28M train images
+(width: atto 320, femto 384, pico 512, nano 640, tiny 768, base 1024, large 1536, huge 2816):
+
+    ranks   atto       tiny       base       huge
+    1       1.53 GiB   3.67 GiB   4.89 GiB   13.4 GiB
+    8       0.19 GiB   0.46 GiB   0.61 GiB   1.68 GiB
+
+plus the rank's val features (50,000 val images: 0.52 GiB for huge on 1 rank, 0.07 GiB per rank
+on 8) and one block of query similarities (``engine.knn.SIMILARITY_BLOCK_ELEMENTS``, 256 MiB),
+all on the training device.
+``--knn_max_images N`` caps each split at N images: the bank is then at most N x width x 4
+bytes in all (N = 20,000 with huge: 0.21 GiB).
+
+Stopping: ``evaluate(encoder, should_stop)`` checks ``should_stop()`` before each batch (the same
+batch index on every rank) and raises ``engine.signals.StopRequested`` once it is True, so a
+scheduler's stop signal does not wait for a whole pass. The embedding loaders' workers ignore
+SIGTERM/SIGUSR1, as the training loader's do.
 
     monitor = build_knn_monitor(args, device)        # None without --knn_data_path: nothing built
     if monitor is not None and monitor.due(epochs_done, args.epochs):
-        stats.update(monitor.evaluate(model.encoder))  # {"knn_top1": %, "knn_time_s": s}
+        stats.update(monitor.evaluate(model.encoder, should_stop))  # {"knn_top1": %, "knn_time_s": s}
 """
 from __future__ import annotations
 
@@ -21,27 +42,27 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import models
+from engine.class_folders import check_same_classes
 from engine.config import Check, ConfigError
-from engine.data import ImageFolderSkippingUnreadable
+from engine.data import ImageFolderSkippingUnreadable, shutdown_workers
 from engine.distributed import get_rank, get_world_size
+from engine.embeddings import extract_pooled
+from engine.eval_transform import build_eval_transform
+from engine.knn import KNN_TEMPERATURE, sharded_knn_top1
 from engine.stepper import amp_autocast
-from finetune.data import check_same_classes
-from finetune.features import extract_pooled
-from finetune.knn import knn_accuracy
-from finetune.transforms import build_eval_transform
+from engine.signals import StopRequested, stop_signals_blocked, workers_ignore_stop_signals
 
 _logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-KNN_TEMPERATURE = 0.07  # DINO's k-NN protocol, also finetune.linear_probe's default
 
 KNN_MONITOR_CHECKS: tuple[Check, ...] = (
     Check("--knn_data_path",
@@ -129,56 +150,66 @@ class KNNMonitor:
         return epochs_done % self.freq == 0 or epochs_done == epochs
 
     @torch.no_grad()
-    def evaluate(self, encoder: nn.Module) -> dict[str, float]:
-        """``{"knn_top1": %, "knn_time_s": seconds}``; every rank must call it (collectives)."""
-        start = time.perf_counter()
-        (train, train_labels), (val, val_labels) = (self.embed_split(encoder, split) for split in SPLITS)
-        top1 = knn_accuracy(train, train_labels, val, val_labels, num_classes=self.num_classes, k=self.k,
-                            temperature=KNN_TEMPERATURE)
-        seconds = time.perf_counter() - start
-        _logger.info("k-NN monitor: %d-NN top-1 %.2f%% (%d val vs %d train images), %.1f s", self.k, top1,
-                     len(val_labels), len(train_labels), seconds)
-        return {"knn_top1": top1, "knn_time_s": seconds}
+    def evaluate(self, encoder: nn.Module, should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+        """``{"knn_top1": %, "knn_time_s": seconds}``; every rank must call it (collectives).
 
-    def embed_split(self, encoder: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (N, C) and labels (N,) of ``split``'s chosen images, in order, on every rank;
-        images whose label is negative (unreadable) are left out."""
+        ``should_stop()`` is called before each batch of the pass, at the same batch index on
+        every rank (so it may be a collective); once it returns True, ``StopRequested`` is raised."""
+        start = time.perf_counter()
+        _logger.info("k-NN monitor: embedding %d train and %d val images", *(len(self.splits[split][1])
+                                                                             for split in SPLITS))
+        (bank, bank_labels), (queries, query_labels) = (self.embed_split(encoder, split, should_stop)
+                                                        for split in SPLITS)
+        score = sharded_knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, self.k, KNN_TEMPERATURE)
+        seconds = time.perf_counter() - start
+        _logger.info("k-NN monitor: %d-NN top-1 %.2f%% (%d val vs %d train images), %.1f s", self.k, score.top1,
+                     score.queries, score.references, seconds)
+        return {"knn_top1": score.top1, "knn_time_s": seconds}
+
+    def embed_split(self, encoder: nn.Module, split: str,
+                    should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of ``split``: L2-normalised float32 features (n, C) and labels (n,) of
+        the batches it embeds (batch ``b`` of the split goes to rank ``b % world_size``), in order,
+        images whose label is negative (unreadable) left out. One buffer of the share's size
+        holds the features; ``should_stop`` as in ``evaluate``."""
         dataset, indices = self.splits[split]
         batches = [indices[start:start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
         rank, world_size = get_rank(), get_world_size()
-        features, labels = [torch.zeros(0, self.width, device=self.device)], [torch.zeros(0, dtype=torch.int64,
-                                                                                          device=self.device)]
         mine = batches[rank::world_size]
-        if mine:
-            loader = DataLoader(dataset, batch_sampler=mine, num_workers=self.num_workers,
-                                pin_memory=self.device.type == "cuda")
-            for images, targets in loader:
-                with amp_autocast(self.device.type, self.amp):
-                    features.append(self.embed(encoder, images.to(self.device, non_blocking=True)).float())
-                labels.append(torch.as_tensor(targets, dtype=torch.int64).to(self.device))
-        features, labels = torch.cat(features), torch.cat(labels)
-        if world_size > 1:
-            features, labels = gather_batches(features, labels, [len(batch) for batch in batches], world_size)
-        kept = labels >= 0
-        return features[kept], labels[kept]
+        rows = sum(len(batch) for batch in mine)
+        features = torch.empty(rows, self.width, device=self.device)
+        labels = torch.empty(rows, dtype=torch.int64, device=self.device)
+        filled = 0
+        loader = DataLoader(dataset, batch_sampler=mine, num_workers=self.num_workers,
+                            persistent_workers=self.num_workers > 0, pin_memory=self.device.type == "cuda")
+        workers_ignore_stop_signals(loader)  # a scheduler's SIGTERM goes to the whole process group
+        try:
+            with stop_signals_blocked():  # until each worker ignores the signals
+                loaded = iter(loader) if mine else None
+            for round_index in range(-(-len(batches) // world_size)):  # every rank: the same number of rounds
+                if should_stop is not None and should_stop():
+                    _logger.info("k-NN monitor: pass stopped before %s batch %d of %d", split,
+                                 round_index * world_size + 1, len(batches))
+                    raise StopRequested(f"k-NN pass stopped in its {split} split")
+                if round_index < len(mine):
+                    batch_features, batch_labels = self.embed_batch(encoder, *next(loaded))
+                    features[filled:filled + len(batch_labels)] = batch_features
+                    labels[filled:filled + len(batch_labels)] = batch_labels
+                    filled += len(batch_labels)
+        finally:
+            shutdown_workers(loader)  # also when stopped: the workers ignore the SIGTERM of interpreter exit
+        return features[:filled], labels[:filled]
 
-
-def gather_batches(features: torch.Tensor, labels: torch.Tensor, batch_sizes: list[int],
-                   world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' features and labels in the original batch order, when rank r holds batches
-    r, r + world_size, ... (concatenated); ``batch_sizes`` lists every batch's size."""
-    starts = torch.tensor([0, *batch_sizes]).cumsum(0)
-    positions = [torch.cat([torch.arange(starts[b], starts[b + 1]) for b in range(rank, len(batch_sizes), world_size)]
-                           or [torch.zeros(0, dtype=torch.int64)]) for rank in range(world_size)]
-    padded_count = max(len(held) for held in positions)
-    values = torch.cat([features, labels.unsqueeze(1).to(features.dtype)], dim=1)  # one collective; labels exact
-    values = torch.nn.functional.pad(values, (0, 0, 0, padded_count - len(values)))
-    gathered = [torch.empty_like(values) for _ in range(world_size)]
-    dist.all_gather(gathered, values)
-    ordered = torch.empty(int(starts[-1]), values.shape[1], dtype=values.dtype, device=values.device)
-    for held, rank_values in zip(positions, gathered):
-        ordered[held.to(values.device)] = rank_values[:len(held)]
-    return ordered[:, :-1], ordered[:, -1].long()
+    def embed_batch(self, encoder: nn.Module, images: torch.Tensor,
+                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch -> L2-normalised float32 features (n, C) and labels (n,) of its readable images."""
+        targets = torch.as_tensor(targets)
+        kept = torch.nonzero(targets >= 0).flatten()  # on the CPU: no device sync
+        with amp_autocast(self.device.type, self.amp):
+            embedded = self.embed(encoder, images.to(self.device, non_blocking=True))
+        if len(kept) < len(targets):
+            embedded = embedded.index_select(0, kept.to(self.device))
+        return F.normalize(embedded.float(), dim=1), targets[kept].to(self.device)
 
 
 def build_knn_monitor(args: argparse.Namespace, device: torch.device) -> Optional[KNNMonitor]:

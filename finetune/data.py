@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 from torch.utils.data import Dataset
 
+from engine.class_folders import check_same_classes
 from engine.config import ConfigError
 from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, resolve_image_root
 
 _logger = logging.getLogger(__name__)
-
-MAX_LISTED_CLASSES = 20
 
 
 def validation_root(data_path: Optional[str], eval_data_path: Optional[str]) -> Path:
@@ -35,20 +34,6 @@ def validation_root(data_path: Optional[str], eval_data_path: Optional[str]) -> 
         return Path(data_path) / "val"
     raise ConfigError(f"--data_path {data_path}: no val/ folder for evaluation; add <data_path>/val/<class>/... "
                       "or pass --eval_data_path /path/to/val")
-
-
-def check_same_classes(classes_a: Sequence[str], classes_b: Sequence[str], name_a: str = "train",
-                       name_b: str = "val", where: str = "") -> None:
-    """ConfigError listing the class folders found on only one side (``where`` adds context)."""
-    if list(classes_a) == list(classes_b):
-        return
-    only_a = sorted(set(classes_a) - set(classes_b))
-    only_b = sorted(set(classes_b) - set(classes_a))
-    raise ConfigError(
-        f"the classes of {name_a} and {name_b} differ{where}: only in {name_a}: {_listing(only_a)}; only in "
-        f"{name_b}: {_listing(only_b)}. Labels are indices into the sorted class folder names, so both need the "
-        "same class folders (an empty folder is enough for a class without images)."
-    )
 
 
 def build_datasets(args: argparse.Namespace, train_transform: Optional[Callable],
@@ -82,8 +67,3 @@ def build_datasets(args: argparse.Namespace, train_transform: Optional[Callable]
 def embedded_val_samples(args: argparse.Namespace) -> int:
     """Validation crops of the embedded photos: half as many as training crops, at least 8 per photo."""
     return max(args.embedded_samples // 2, 8 * len(EMBEDDED_PHOTO_NAMES))
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:MAX_LISTED_CLASSES]) or "none"
-    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > MAX_LISTED_CLASSES else ''}]"

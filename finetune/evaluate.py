@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from engine.data import UNREADABLE_TARGET, to_device
+from engine.signals import stop_signals_blocked
 from engine.stepper import amp_autocast
 
 
@@ -39,7 +40,9 @@ def evaluate(
     seen = 0
     was_training = model.training
     model.eval()
-    for images, targets in loader:
+    with stop_signals_blocked():  # workers started now ignore the stop signals from their first instruction
+        batches = iter(loader)
+    for images, targets in batches:
         keep = min(len(targets), max(real_count - seen, 0)) if real_count is not None else len(targets)
         seen += len(targets)
         if keep == 0:

@@ -8,7 +8,7 @@ Python API::
 
 ``images`` is a list of PIL images and/or image paths (str or Path), each put through the
 evaluation transform (resize to ``input_size / crop_pct``, center crop, ImageNet normalisation;
-see ``finetune.transforms``), or tensors already normalised that way: an (N, 3, H, W) batch or
+see ``engine.eval_transform``), or tensors already normalised that way: an (N, 3, H, W) batch or
 a list of (3, H, W) images of one size. A single PIL image or path is a batch of one.
 
 ``pooled`` is ``forward_head(forward_features(x), pre_logits=True)``: global average pool then
@@ -46,7 +46,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -54,31 +53,15 @@ import models
 from engine.checkpoint import atomic_write, save_safetensors
 from engine.data import ImageFolderSkippingUnreadable, load_rgb_image
 from engine.distributed import choose_device
+from engine.embeddings import extract_pooled, extract_pooled_and_stages, extract_stages
+from engine.eval_transform import build_eval_transform
 from engine.logging import format_duration, setup_logging
 from engine.stepper import amp_autocast
-
-from .transforms import build_eval_transform
 
 _logger = logging.getLogger(__name__)
 
 NUM_STAGES = 4
 OUTPUT_SUFFIXES = (".safetensors", ".npz")
-
-
-def extract_pooled(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, C): pooled, head-normalised embedding (the classifier's input)."""
-    return model.forward_head(model.forward_features(images), pre_logits=True)
-
-
-def extract_stages(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """(N, 3, H, W) -> the four stage outputs, (N, dims[i], H / 2**(i+2), W / 2**(i+2))."""
-    return model.forward_intermediates(images, intermediates_only=True)
-
-
-def extract_pooled_and_stages(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Both in one forward pass: the pooled embedding and the four stage outputs."""
-    final, stages = model.forward_intermediates(images)
-    return model.forward_head(final, pre_logits=True), stages
 
 
 class FeatureExtractor:

@@ -1,49 +1,24 @@
-"""Weighted k-nearest-neighbour classification on frozen features (DINO's protocol).
+"""k-NN top-1 of a frozen encoder on a labelled folder: the k-NN-only entry point of
+``finetune.linear_probe`` (same flags minus the probe's, same features, same number; the
+classifier is ``engine.knn``'s)::
 
-Features are L2-normalised; each query takes its ``k`` most cosine-similar training features,
-and neighbour ``i`` votes for its label with weight ``exp(similarity_i / temperature)``.
+    python -m finetune.knn --model convnextv2_atto --checkpoint encoder.safetensors \\
+        --data_path /data/imagenette2-224 --input_size 128 --knn_k 20
+
+For the checkpoint of a pretraining epoch, with the same ``--input_size`` and ``--batch_size``,
+it prints the ``knn_top1`` that pretraining's k-NN monitor logged for that epoch.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import Optional, Sequence
+
+from .linear_probe import main as evaluate_frozen_encoder
 
 
-@torch.no_grad()
-def knn_predict(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    query_features: torch.Tensor,
-    num_classes: int | None = None,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Predicted class of every query.
-
-    Args:
-        train_features: (N, C) reference features; train_labels: (N,) int64 in [0, classes).
-        query_features: (M, C).
-        num_classes: defaults to ``train_labels.max() + 1``.
-        k: neighbours (capped at N); temperature: vote weight ``exp(sim / temperature)``.
-        chunk_size: queries per similarity matrix (memory ~ chunk_size * N floats).
-    Returns: (M,) int64.
-    """
-    if len(train_features) != len(train_labels):
-        raise ValueError(f"{len(train_features)} train features but {len(train_labels)} labels")
-    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
-    k = min(k, len(train_features))
-    train_features = F.normalize(train_features.float(), dim=1)
-    predictions = []
-    for query in F.normalize(query_features.float(), dim=1).split(chunk_size):
-        similarity, neighbours = (query @ train_features.T).topk(k, dim=1)  # (m, k)
-        votes = torch.zeros(len(query), num_classes, device=query.device)
-        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
-        predictions.append(votes.argmax(dim=1))
-    return torch.cat(predictions)
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
+    """``{"knn_acc1": %, "train_images", "val_images", "extract_time_s", "total_time_s"}``."""
+    return evaluate_frozen_encoder(argv, with_probe=False)
 
 
-def knn_accuracy(train_features, train_labels, query_features, query_labels, **knn_kwargs) -> float:
-    """Top-1 accuracy (%) of ``knn_predict`` against ``query_labels``."""
-    predictions = knn_predict(train_features, train_labels, query_features, **knn_kwargs)
-    return 100.0 * (predictions == query_labels).float().mean().item()
+if __name__ == "__main__":
+    main()

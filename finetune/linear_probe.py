@@ -9,6 +9,9 @@ CLI (linear probe and k-NN top-1 of a frozen encoder; no --data_path: the embedd
 
     python -m finetune.linear_probe --model convnextv2_atto --checkpoint encoder.safetensors \
         --data_path /data/imagenette2-224 --input_size 128 --train_subset 2000
+
+``python -m finetune.knn`` takes the same flags minus the probe's and reports the k-NN top-1 alone
+(``main(argv, with_probe=False)``); the k-NN classifier is ``engine.knn``'s.
 """
 from __future__ import annotations
 
@@ -25,13 +28,13 @@ from torch.utils.data import DataLoader, Subset
 import models
 from engine.config import TrainingArgumentParser
 from engine.distributed import choose_device
+from engine.eval_transform import build_eval_transform
+from engine.knn import KNN_TEMPERATURE, knn_accuracy
 from engine.logging import setup_logging
 from engine.schedule import build_lr_scheduler
 
 from .data import build_datasets
 from .features import FeatureExtractor, extract_dataset
-from .knn import knn_accuracy
-from .transforms import build_eval_transform
 
 _logger = logging.getLogger(__name__)
 
@@ -93,11 +96,14 @@ def probe_accuracy(probe: LinearProbe, features: torch.Tensor, labels: torch.Ten
     return 100.0 * (probe(features.float()).argmax(1) == labels).float().mean().item()
 
 
-def build_parser() -> TrainingArgumentParser:
+def build_parser(with_probe: bool = True) -> TrainingArgumentParser:
+    """``python -m finetune.linear_probe``'s flags; without the probe's, ``python -m finetune.knn``'s."""
     parser = TrainingArgumentParser(
-        prog="python -m finetune.linear_probe",
-        description="Representation quality of a frozen encoder: linear probe and k-NN top-1 on pooled features "
-                    "(no --data_path: the embedded photos).",
+        prog="python -m finetune.linear_probe" if with_probe else "python -m finetune.knn",
+        description=("Representation quality of a frozen encoder: linear probe and k-NN top-1 on pooled features"
+                     if with_probe else "k-NN top-1 of a frozen encoder: val images classified by a weighted k-NN "
+                     "(cosine similarity, DINO's protocol) of their pooled features against the train images'")
+        + " (no --data_path: the embedded photos).",
     )
     parser.add_argument("--model", default="convnextv2_atto", help="convnextv2_<atto|...|huge>")
     parser.add_argument("--checkpoint", default=None,
@@ -111,11 +117,14 @@ def build_parser() -> TrainingArgumentParser:
     parser.add_argument("--crop_pct", type=float, default=None, help="evaluation resize / center crop, see finetune.py")
     parser.add_argument("--batch_size", type=int, default=64, help="images per feature-extraction batch")
     parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=100, help="linear probe epochs over the features")
-    parser.add_argument("--lr", type=float, default=1e-3, help="linear probe AdamW lr (cosine to 0)")
-    parser.add_argument("--weight_decay", type=float, default=1e-4)
-    parser.add_argument("--knn_k", type=int, default=20, help="k-NN neighbours (0: skip k-NN)")
-    parser.add_argument("--knn_temperature", type=float, default=0.07)
+    if with_probe:
+        parser.add_argument("--epochs", type=int, default=100, help="linear probe epochs over the features")
+        parser.add_argument("--lr", type=float, default=1e-3, help="linear probe AdamW lr (cosine to 0)")
+        parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--knn_k", type=int, default=20,
+                        help="k-NN neighbours" + (" (0: skip k-NN)" if with_probe else ""))
+    parser.add_argument("--knn_temperature", type=float, default=KNN_TEMPERATURE,
+                        help="vote weight exp(similarity / T)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: CUDA, then MPS, then CPU)")
@@ -129,10 +138,13 @@ def _subset(dataset, size: int | None, seed: int):
     return Subset(dataset, sorted(indices.tolist()))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
-    """Extract train/val features once, then report linear-probe and k-NN top-1 (%)."""
-    parser = build_parser()
+def main(argv: Optional[Sequence[str]] = None, with_probe: bool = True) -> dict[str, float]:
+    """Extract train/val features once, then report linear-probe (unless ``with_probe`` is False)
+    and k-NN top-1 (%)."""
+    parser = build_parser(with_probe)
     args = parser.parse_args(argv)
+    if not with_probe and args.knn_k < 1:
+        parser.error(f"--knn_k {args.knn_k}: must be >= 1 (neighbours per query)")
     setup_logging()
     try:
         models.check_model_name(args.model)
@@ -152,19 +164,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     train, val = features["train"], features["val"]
     results = {"train_images": len(train["labels"]), "val_images": len(val["labels"]),
                "extract_time_s": time.perf_counter() - start}
-    probe = train_linear_probe(train["pooled"], train["labels"], len(classes), args.epochs, lr=args.lr,
-                               weight_decay=args.weight_decay, seed=args.seed)
-    results["linear_probe_acc1"] = probe_accuracy(probe, val["pooled"], val["labels"])
+    scores = []
+    if with_probe:
+        probe = train_linear_probe(train["pooled"], train["labels"], len(classes), args.epochs, lr=args.lr,
+                                   weight_decay=args.weight_decay, seed=args.seed)
+        results["linear_probe_acc1"] = probe_accuracy(probe, val["pooled"], val["labels"])
+        scores.append(f"linear probe top-1 {results['linear_probe_acc1']:.2f}%")
     if args.knn_k > 0:
         results["knn_acc1"] = knn_accuracy(train["pooled"], train["labels"], val["pooled"], val["labels"],
                                            num_classes=len(classes), k=args.knn_k,
                                            temperature=args.knn_temperature)
+        scores.append(f"{args.knn_k}-NN top-1 {results['knn_acc1']:.2f}%")
     results["total_time_s"] = time.perf_counter() - start
-    _logger.info("%s from %s, %d px, %d classes (chance %.1f%%): linear probe top-1 %.2f%%%s (%d train / %d val "
-                 "images, %.0f s)", args.model, args.checkpoint or "random initialisation", args.input_size,
-                 len(classes), 100.0 / len(classes), results["linear_probe_acc1"],
-                 f", {args.knn_k}-NN top-1 {results['knn_acc1']:.2f}%" if "knn_acc1" in results else "",
-                 results["train_images"], results["val_images"], results["total_time_s"])
+    _logger.info("%s from %s, %d px, %d classes (chance %.1f%%): %s (%d train / %d val images, %.0f s)", args.model,
+                 args.checkpoint or "random initialisation", args.input_size, len(classes), 100.0 / len(classes),
+                 ", ".join(scores), results["train_images"], results["val_images"], results["total_time_s"])
     return results
 
 

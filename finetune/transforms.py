@@ -1,10 +1,6 @@
-"""Fine-tuning image transforms: timm's training pipeline and the official evaluation resize.
-
-Evaluation (official behaviour): below 384 px, resize the short side to
-``input_size / crop_pct`` (crop_pct 0.875 by default) then center-crop ``input_size``; from
-384 px up, resize straight to ``input_size x input_size`` (aspect not kept, nothing cropped)
-unless a ``crop_pct`` is given explicitly.
-"""
+"""Fine-tuning's training transform: timm's pipeline (RandomResizedCrop, flip, RandAugment,
+random erasing), with reduced-scale JPEG decoding and a RandAugment fix. The evaluation
+transform is ``engine.eval_transform``'s."""
 from __future__ import annotations
 
 import random
@@ -17,9 +13,6 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
 from engine.data import draft_resized_crop
-
-DEFAULT_CROP_PCT = 0.875
-PLAIN_RESIZE_FROM = 384  # input size from which evaluation resizes without cropping
 
 
 class DraftRandomResizedCropAndInterpolation(RandomResizedCropAndInterpolation):
@@ -88,22 +81,3 @@ def build_train_transform(
         transform.transforms[0] = DraftRandomResizedCropAndInterpolation(crop.size, crop.scale, crop.ratio)
         transform.transforms[0].interpolation = crop.interpolation
     return transform
-
-
-def build_eval_transform(input_size: int, crop_pct: float | None = None, interpolation: str = "bicubic"):
-    """Deterministic evaluation transform, see the module docstring.
-    Image (PIL) -> (3, input_size, input_size) float tensor."""
-    mode = transforms.InterpolationMode(interpolation)
-    if crop_pct is None and input_size >= PLAIN_RESIZE_FROM:
-        resize = [transforms.Resize((input_size, input_size), interpolation=mode)]
-    else:
-        crop_pct = DEFAULT_CROP_PCT if crop_pct is None else crop_pct
-        if not 0 < crop_pct <= 1:
-            raise ValueError(f"--crop_pct must be in (0, 1], got {crop_pct}")
-        resize = [transforms.Resize(int(input_size / crop_pct), interpolation=mode),
-                  transforms.CenterCrop(input_size)]
-    return transforms.Compose([
-        *resize,
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])

@@ -1,4 +1,5 @@
-"""ConvNeXt V2 models: dense (timm), sparse FCMAE encoder, checkpoint loading, dense-task backbones.
+"""ConvNeXt V2 models: dense (timm), sparse FCMAE encoder, checkpoint loading, layer-wise lr decay
+(``models.layer_decay``), dense-task backbones.
 
 The torchvision guard must run before anything imports timm or torchvision.
 """

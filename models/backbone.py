@@ -9,7 +9,7 @@ The maps are the stage outputs, the same numbers as ``FeatureExtractor.stages``;
 the one ``timm.create_model(name, features_only=True)`` builds, so any framework that takes a
 list of feature maps (mmdetection/detectron2 wrappers, segmentation heads) can use it.
 
-* ``backbone_param_groups(backbone, ...)``: layer-wise lr decay groups (``finetune.layer_decay``,
+* ``backbone_param_groups(backbone, ...)``: layer-wise lr decay groups (``models.layer_decay``,
   the rules of the classification recipes) for the backbone, plus, with ``model=detector``,
   groups at the full lr for every other parameter of the detector (neck, heads).
 * ``FeaturePyramidBackbone(backbone, out_channels)``: the backbone followed by torchvision's
@@ -30,6 +30,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 from .checkpoint import load_pretrained
 from .convnextv2 import MODEL_CONFIGS, check_model_name
+from .layer_decay import param_groups_layer_decay
 
 NUM_STAGES = 4
 _FEATURES_NAME = re.compile(r"^(stem|stages)_(\d+)\.")  # features_only names: stem_0.weight, stages_2.blocks...
@@ -85,7 +86,7 @@ def backbone_param_groups(
     """Optimizer parameter groups with layer-wise lr decay for a ``create_backbone`` model.
 
     Backbone parameters get the layer ids and lr scales of the classification recipes
-    (``finetune.layer_decay``: ``single`` for any size, ``group`` for depths 3,3,27,3), the
+    (``models.layer_decay``: ``single`` for any size, ``group`` for depths 3,3,27,3), the
     stem the smallest scale. With ``model`` (e.g. the detector holding ``backbone``), its other
     trainable parameters are added at lr scale 1, like the classifier of fine-tuning. No weight
     decay on 1-D tensors, biases and GRN. Each group has ``params``, ``weight_decay``,
@@ -93,8 +94,6 @@ def backbone_param_groups(
     with ``lr`` also ``lr = lr * lr_scale``, for optimizers and schedulers that ignore ``lr_scale``
     (timm's schedulers apply it themselves).
     """
-    from finetune.layer_decay import param_groups_layer_decay  # finetune builds on models, not the reverse
-
     architecture = backbone.pretrained_cfg.get("architecture") if hasattr(backbone, "pretrained_cfg") else None
     if architecture not in MODEL_CONFIGS:
         raise ValueError(f"backbone must come from models.create_backbone (a ConvNeXt V2 features_only model); "

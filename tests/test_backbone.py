@@ -18,7 +18,7 @@ from torchvision.ops._utils import convert_boxes_to_roi_format
 
 import models
 from finetune.features import FeatureExtractor
-from finetune.layer_decay import lr_scale
+from models.layer_decay import lr_scale
 
 IMAGE_SIZE = 64
 

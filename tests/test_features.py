@@ -9,9 +9,9 @@ from conftest import randomize_grn
 
 import models
 from engine.data import load_rgb_image
-from finetune.features import (FeatureExtractor, extract_pooled, extract_stages, load_features, main,
-                               save_features)
-from finetune.transforms import build_eval_transform
+from engine.embeddings import extract_pooled, extract_stages
+from engine.eval_transform import build_eval_transform
+from finetune.features import FeatureExtractor, load_features, main, save_features
 from finetune_helpers import make_colour_folder
 from PIL import Image
 

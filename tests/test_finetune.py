@@ -9,14 +9,15 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import fcmae
 import models
+from engine.class_folders import check_same_classes
 from engine.config import ConfigError, parse_args, validate
 from engine.data import UNREADABLE_TARGET
-from finetune.data import build_datasets, check_same_classes
+from engine.eval_transform import build_eval_transform
 from engine.stepper import GradientStepper, build_model_ema
+from finetune.data import build_datasets
 from finetune.evaluate import evaluate
 from finetune.mixup import build_mixup, build_train_criterion
 from finetune.model import HEAD_INIT_STD, build_finetune_model
-from finetune.transforms import build_eval_transform
 from finetune_helpers import REPO_ROOT, load_finetune_script, make_colour_folder
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 

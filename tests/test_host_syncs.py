@@ -21,11 +21,11 @@ from engine.loop import train_one_epoch
 from engine.progress import is_log_point
 from engine.stepper import GradientStepper, build_model_ema
 from engine.schedule import build_lr_scheduler
-from finetune.layer_decay import param_groups_layer_decay
 from finetune.mixup import build_mixup, build_train_criterion
 from finetune.model import build_finetune_model
 from finetune_helpers import load_finetune_script
 from host_syncs import HostSyncCounter
+from models.layer_decay import param_groups_layer_decay
 
 ITERATIONS = 8
 PRINT_FREQ = 4

@@ -1,6 +1,7 @@
 """fcmae.knn_monitor: the k-NN monitor of pretraining, alone, inside pretrain.py, and under DDP."""
 import argparse
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -10,15 +11,18 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import fcmae
+import knn_ranks
 import pretrain
 from conftest import free_port, randomize_grn
-from engine.checkpoint import save_safetensors
+from engine.checkpoint import load_checkpoint, save_safetensors
 from engine.data import ImageFolderSkippingUnreadable
+from engine.eval_transform import build_eval_transform
+from engine.knn import knn_accuracy
+from engine.signals import EXIT_STOPPED, StopRequested, request_stop
 from fcmae import knn_monitor
 from fcmae.knn_monitor import DenseEncoderView, KNNMonitor, balanced_indices, build_knn_monitor
 from finetune.features import FeatureExtractor
 from finetune.linear_probe import main as linear_probe_main
-from finetune.transforms import build_eval_transform
 from image_folders import make_image_folder
 
 torch.set_num_threads(1)
@@ -105,6 +109,48 @@ def test_pretraining_logs_knn_top1_equal_to_the_linear_probe_cli_on_the_checkpoi
     assert epochs[2]["knn_top1"] == probe["knn_acc1"]
 
 
+def test_should_stop_is_asked_before_every_batch_and_a_true_answer_raises_stop_requested(tmp_path):
+    root = knn_folder(tmp_path, train_per_class=5, val_per_class=2)  # batches of 3: train 4, val 2
+    monitor, encoder = monitor_on(root), trained_looking_encoder()
+    answers = []
+    monitor.evaluate(encoder, should_stop=lambda: answers.append(False) or False)
+    assert len(answers) == 4 + 2
+    answers.clear()
+    with pytest.raises(StopRequested):
+        monitor.evaluate(encoder, should_stop=lambda: answers.append(len(answers) == 2) or answers[-1])
+    assert answers == [False, False, True]  # stopped before the third batch, nothing asked after
+
+
+def test_a_stop_asked_for_in_the_last_iteration_checkpoints_the_epoch_without_its_knn_pass(tmp_path, monkeypatch,
+                                                                                           caplog):
+    data = make_image_folder(tmp_path / "pretrain_data", classes=2, per_class=2)  # 2 iterations of batch 2
+    knn_data = knn_folder(tmp_path / "knn", train_per_class=6, val_per_class=3, classes=3)  # train: 9 batches
+    real_make_loss_fn = pretrain.make_loss_fn
+
+    def make_loss_fn_asking_to_stop(*args, **kwargs):
+        loss_fn = real_make_loss_fn(*args, **kwargs)
+
+        def loss(model, batch, step):
+            if step.iteration == 1:  # the epoch's last: its stop is left to the end of the epoch
+                request_stop("test")
+            return loss_fn(model, batch, step)
+
+        return loss
+
+    monkeypatch.setattr(pretrain, "make_loss_fn", make_loss_fn_asking_to_stop)
+    output = tmp_path / "out"
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exited:
+        pretrain.main(["--model", MODEL, "--input_size", "64", "--batch_size", "2", "--epochs", "2",
+                       "--warmup_epochs", "1", "--data_path", str(data), "--output_dir", str(output),
+                       "--num_workers", "0", "--knn_data_path", str(knn_data), "--knn_k", "5"])
+    assert exited.value.code == EXIT_STOPPED
+    assert "k-NN monitor: pass stopped before train batch 1 of 9" in caplog.text
+    assert f"stopped on test after epoch 1: wrote {output / 'checkpoint-1.pth'}; rerun" in caplog.text
+    assert load_checkpoint(output / "checkpoint-1.pth")["epoch"] == 1
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [(record["epoch"], "knn_top1" in record) for record in records] == [(1, False)]
+
+
 @pytest.mark.parametrize("flag_args, message", [
     (["--knn_freq", "0"], "--knn_freq"),
     (["--knn_k", "0"], "--knn_k"),
@@ -148,10 +194,13 @@ def embed_on_rank(rank, port, root, results):
         dist.destroy_process_group()
 
 
+# train: 10 images in batches of 3 -> 4 batches (rank 0: 1st and 3rd, rank 1: 2nd and the short 4th);
+# val: 2 images, one batch, so rank 1 embeds nothing there
+SHARES = {0: {"train": [0, 1, 2, 6, 7, 8], "val": [0, 1]}, 1: {"train": [3, 4, 5, 9], "val": []}}
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_give_the_single_process_features_and_top1(tmp_path):
-    # train: 10 images in batches of 3 -> 4 batches (rank 0: 1st and 3rd, rank 1: 2nd and the short 4th);
-    # val: 2 images, one batch, so rank 1 embeds nothing there
     root = knn_folder(tmp_path, train_per_class=5, val_per_class=1)
     monitor, encoder = monitor_on(root), trained_looking_encoder()
     single = {split: monitor.embed_split(encoder, split) for split in ("train", "val")}
@@ -160,9 +209,32 @@ def test_two_gloo_ranks_give_the_single_process_features_and_top1(tmp_path):
         results = manager.dict()
         mp.spawn(embed_on_rank, args=(free_port(), root, results), nprocs=WORLD_SIZE, join=True)
         results = dict(results)
+    for split in ("train", "val"):  # the shards hold every image once
+        assert sorted(SHARES[0][split] + SHARES[1][split]) == list(range(len(single[split][1])))
     for rank in range(WORLD_SIZE):
         for split in ("train", "val"):
             features, labels = results[rank][split]
-            assert torch.equal(labels, single[split][1]), (rank, split)
-            assert torch.equal(features, single[split][0]), f"rank {rank} {split} features differ"
+            rows = torch.tensor(SHARES[rank][split], dtype=torch.int64)
+            assert torch.equal(labels, single[split][1][rows]), (rank, split)
+            assert torch.equal(features, single[split][0][rows]), f"rank {rank} {split} features differ"
         assert results[rank]["top1"] == single_top1
+
+
+@pytest.mark.slow
+def test_a_bank_sharded_over_two_ranks_gives_the_single_process_knn_top1():
+    # noisy clusters: top-1 between chance and 100%, so a wrong neighbour would show; rank 1 holds
+    # fewer bank rows than k (its top-k is padded) and 5 of the 13 queries
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=generator)
+    bank_labels, query_labels = torch.arange(20) % 3, torch.arange(13) % 3
+    bank = centres[bank_labels] + 1.5 * torch.randn(20, 16, generator=generator)
+    queries = centres[query_labels] + 1.5 * torch.randn(13, 16, generator=generator)
+    expected = knn_accuracy(bank, bank_labels, queries, query_labels, num_classes=3, k=5)
+    assert 100 / 3 < expected < 100
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(knn_ranks.sharded_knn_on_rank, nprocs=WORLD_SIZE, join=True,
+                 args=(free_port(), bank, bank_labels, queries, query_labels, [17, 3], [8, 5], results))
+        results = dict(results)
+    for rank in range(WORLD_SIZE):
+        assert results[rank] == (expected, 13, 20), f"rank {rank}: {results[rank]}"

@@ -1,11 +1,11 @@
-"""finetune.layer_decay: layer ids and lr scales of the official `single` and `group` schemes."""
+"""models.layer_decay: layer ids and lr scales of the official `single` and `group` schemes."""
 import pytest
 import torch
 
 import models
 from engine.optim import build_adamw
 from engine.schedule import build_lr_scheduler
-from finetune.layer_decay import layer_id, lr_scale, num_layers, param_groups_layer_decay, skips_weight_decay
+from models.layer_decay import layer_id, lr_scale, num_layers, param_groups_layer_decay, skips_weight_decay
 
 ATTO_DEPTHS = models.MODEL_CONFIGS["convnextv2_atto"][0]  # (2, 2, 6, 2): num_layers 12
 BASE_DEPTHS = models.MODEL_CONFIGS["convnextv2_base"][0]  # (3, 3, 27, 3)

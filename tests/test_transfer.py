@@ -1,11 +1,18 @@
-"""finetune.knn and finetune.linear_probe: classifiers on frozen features, and the probe CLI."""
+"""engine.knn and finetune.linear_probe: classifiers on frozen features; the probe and k-NN CLIs."""
+import runpy
+import sys
+
 import pytest
 import torch
 
-from finetune.knn import knn_accuracy, knn_predict
+import models
+from engine.checkpoint import save_safetensors
+from engine.knn import knn_accuracy, knn_predict
+from finetune.knn import main as knn_main
 from finetune.linear_probe import main as linear_probe_main
 from finetune.linear_probe import probe_accuracy, train_linear_probe
 from finetune_helpers import make_colour_folder
+from image_folders import make_image_folder
 
 
 def clustered_features(classes=5, per_class=40, dim=32, spread=0.3, seed=0):
@@ -70,3 +77,35 @@ def test_linear_probe_cli_rejects_an_unknown_model(capsys):
     with pytest.raises(SystemExit):
         linear_probe_main(["--model", "convnextv2_gigantic"])
     assert "unknown model 'convnextv2_gigantic'" in capsys.readouterr().err
+
+
+def test_knn_cli_help_says_what_it_does_and_shows_its_flags(monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "finetune.knn")  # run it afresh, as python -m finetune.knn -h does
+    monkeypatch.setattr(sys, "argv", ["knn.py", "-h"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("finetune.knn", run_name="__main__")
+    help_text = capsys.readouterr().out
+    assert exited.value.code == 0 and help_text.startswith("usage: python -m finetune.knn"), help_text
+    assert "k-NN top-1 of a frozen encoder" in help_text and "--knn_k" in help_text
+    assert "--epochs" not in help_text  # the linear probe's flags are not its
+
+
+def test_knn_cli_reports_the_knn_top1_of_the_linear_probe_cli(tmp_path):
+    for split, per_class, seed in (("train", 6, 0), ("val", 3, 1)):  # content unrelated to the class: a middling top-1
+        make_image_folder(tmp_path / "data" / split, classes=3, per_class=per_class, size=36, seed=seed)
+    torch.manual_seed(0)
+    checkpoint = save_safetensors(models.create_dense_model("convnextv2_atto", num_classes=0).state_dict(),
+                                  tmp_path / "encoder.safetensors")
+    flags = ["--model", "convnextv2_atto", "--checkpoint", str(checkpoint), "--data_path", str(tmp_path / "data"),
+             "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--knn_k", "5", "--device", "cpu"]
+    knn = knn_main(flags)
+    probe = linear_probe_main([*flags, "--epochs", "1"])
+    assert (knn["train_images"], knn["val_images"]) == (probe["train_images"], probe["val_images"]) == (18, 9)
+    assert knn["knn_acc1"] == probe["knn_acc1"] and 0 < knn["knn_acc1"] < 100
+    assert "linear_probe_acc1" not in knn
+
+
+def test_knn_cli_rejects_zero_neighbours(capsys):
+    with pytest.raises(SystemExit) as exited:
+        knn_main(["--knn_k", "0"])
+    assert exited.value.code == 2 and "--knn_k 0: must be >= 1" in capsys.readouterr().err

@@ -4,6 +4,7 @@ A run stopped or killed inside an epoch resumes from the exact micro-batch (data
 per-micro-batch RNG, schedule, accumulation group, EMA, scaler, best-so-far) and ends bitwise
 equal to a run that was never interrupted.
 """
+import json
 import logging
 import os
 import re
@@ -18,9 +19,10 @@ import pretrain
 from engine.checkpoint import checkpoint_paths, load_checkpoint
 from engine.signals import EXIT_INTERRUPTED, EXIT_STOPPED, request_stop
 from finetune_helpers import load_finetune_script
-from reliability.faults import (POLL_S, SUBPROCESS_ENV, assert_states_equal, finetune_args, finish, log_contains,
-                                pretrain_args, process_with_rank, progress_by_iteration, sigkill, start_script,
-                                wait_until)
+from image_folders import make_image_folder
+from reliability.faults import (POLL_S, SUBPROCESS_ENV, assert_states_equal, child_pids, finetune_args, finish,
+                                log_contains, pretrain_args, process_with_rank, progress_by_iteration, sigkill,
+                                start_script, wait_until)
 
 EPOCHS = 3  # 4 iterations of batch 2 each
 MID_EPOCH = re.compile(r"checkpoint-\d+-\d+\.pth")
@@ -158,6 +160,40 @@ def test_sigterm_then_sigusr1_during_the_save_exit_3_with_a_complete_checkpoint_
 
     assert f"resumed from {path} (1 epoch and" in (output / "train.log").read_text()
     assert_same_training(output, straight_runs(cli), PRETRAIN_KEYS if cli == "pretrain" else FINETUNE_KEYS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the loader workers through /proc")
+def test_sigterm_during_a_knn_pass_stops_it_at_its_next_batch_with_the_epoch_checkpoint_and_resumes(pretrain_data,
+                                                                                                   tmp_path):
+    """The k-NN monitor's 2 workers ignore the signal (sent to the whole process group, as Slurm
+    does), and the pass (60 batches) stops at its next batch instead of running to its end."""
+    knn_data = tmp_path / "knn"
+    make_image_folder(knn_data / "train", classes=2, per_class=60)
+    make_image_folder(knn_data / "val", classes=2, per_class=4)
+    output, log = tmp_path / "out", tmp_path / "run.out"
+    argv = pretrain_args(pretrain_data, output, "--knn_data_path", str(knn_data), "--knn_k", "5", epochs=2, workers=2)
+    process = start_script("pretrain.py", argv, log)
+    wait_until(log_contains(output / "train.log", "k-NN monitor: embedding 120 train and 8 val images"), process, log,
+               "the start of the first k-NN pass")
+    wait_until(lambda: len(child_pids(process.pid)) == 4, process, log, "the k-NN loader's 2 workers (beside the "
+               "training loader's 2)")
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(120) == EXIT_STOPPED, log.read_text()[-3000:]
+
+    text = log.read_text()
+    assert f"stopped on SIGTERM after epoch 1: wrote {output / 'checkpoint-1.pth'}; rerun" in text, text[-3000:]
+    assert re.search(r"k-NN monitor: pass stopped before train batch \d+ of 60", text), text[-3000:]
+    assert "-NN top-1" not in text, "the k-NN pass ran to its end before the stop"
+    assert "Traceback" not in text
+    assert load_checkpoint(output / "checkpoint-1.pth")["epoch"] == 1
+    assert [path.name for path in checkpoint_paths(output)] == ["checkpoint-1.pth"]
+
+    pretrain.main(argv)
+
+    assert f"resumed from {output / 'checkpoint-1.pth'}" in (output / "train.log").read_text()
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [(record["epoch"], "knn_top1" in record) for record in records] == [(1, False), (2, True)]
 
 
 @pytest.mark.slow

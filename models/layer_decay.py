@@ -1,4 +1,4 @@
-"""Layer-wise learning-rate decay for ConvNeXt V2 fine-tuning, on timm parameter names.
+"""Layer-wise learning-rate decay for ConvNeXt V2, on timm parameter names: layer ids and param groups.
 
 Every parameter gets a layer id; its learning rate is scaled by
 ``layer_decay ** (num_layers + 1 - layer_id)``, so the head trains at the full rate and the
