@@ -38,7 +38,6 @@ from engine.distributed import DistributedInfo
 from engine.logging import TensorBoardWriter
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
-from engine.seeding import derive_seed, generator
 from fcmae.knn_monitor import KNN_MONITOR_CHECKS, build_knn_monitor
 from fcmae.visualize import fixed_visual_batch, save_png, visualize_reconstructions
 from models import BACKENDS, encoder_export_state
@@ -106,28 +105,26 @@ def build_dataset(args: argparse.Namespace):
     return EmbeddedPhotos("train", args.input_size, args.embedded_samples)
 
 
-def make_loss_fn(args: argparse.Namespace, rank: int, device: torch.device):
-    """FCMAE loss on a micro-batch; the mask is drawn on ``device``, seeded by (seed, epoch, iteration, rank)."""
+def make_loss_fn(device: torch.device):
+    """FCMAE loss on a micro-batch. The model draws its own mask on ``device`` from the default
+    generator, which the training loop reseeds from (seed, epoch, iteration, rank) per micro-batch."""
 
     def fcmae_loss(model, batch, step: Step):
-        images = batch[0].to(device, non_blocking=True)
-        num_cells = (images.shape[2] // 32) * (images.shape[3] // 32)
-        mask_rng = generator(derive_seed(args.seed, step.epoch, step.iteration, rank), device)
-        mask = fcmae.random_masking(images.shape[0], num_cells, args.mask_ratio, generator=mask_rng, device=device)
-        loss, _, _ = model(images, mask, check_mask=False)  # drawn as the model draws it: not read
+        loss, _, _ = model(batch[0].to(device, non_blocking=True))
         return loss, {}
 
     return fcmae_loss
 
 
-def make_export(args: argparse.Namespace, visuals: tuple[torch.Tensor, torch.Tensor]):
-    """With each epoch checkpoint: the encoder (timm names) and the reconstruction grid."""
+def make_export(args: argparse.Namespace, images: torch.Tensor):
+    """With each epoch checkpoint: the encoder (timm names) and the reconstruction grid of ``images``
+    (masks drawn from --seed)."""
 
     def export(model, epochs_done: int, tensorboard: TensorBoardWriter) -> None:
         output_dir = Path(args.output_dir)
         save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
                          {"model_name": args.model, "format": "timm", "epochs": str(epochs_done)})
-        grid = visualize_reconstructions(model, *visuals)
+        grid = visualize_reconstructions(model, images, args.seed)
         save_png(grid, output_dir / "reconstruction.png")
         tensorboard.image("reconstruction", grid, epochs_done)
         tensorboard.flush()
@@ -155,11 +152,11 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
         build_model=lambda: fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim,
                                               args.decoder_depth, args.norm_pix_loss,
                                               grad_checkpointing=args.grad_checkpointing),
-        loss_fn=make_loss_fn(args, info.rank, info.device),
+        loss_fn=make_loss_fn(info.device),
         recipe_blr=RECIPE_BLR,
         adamw_betas=ADAMW_BETAS,
         description=f"{args.model} ({args.backend} backend)",
-        export=make_export(args, fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device))
+        export=make_export(args, fixed_visual_batch(dataset, args.input_size, info.device))
         if info.is_main else None,  # python -m fcmae.visualize redraws the same picture from a checkpoint
         evaluate=make_knn_evaluation(args, info),
         epoch_summary=lambda record: f"knn_top1 {record['knn_top1']:.2f}%" if "knn_top1" in record else "",
