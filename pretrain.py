@@ -10,6 +10,8 @@ Effective batch = batch_size * update_freq * world_size (the recipe uses 4096); 
 blr * effective batch / 256 unless --lr is given. Rerunning the same command resumes from the
 newest valid checkpoint in --output_dir (--auto_resume, on by default), mid-epoch ones included.
 SIGTERM / SIGUSR1 checkpoint at the next optimizer update and exit with code 3 (engine.runner).
+--init_from FILE starts a new run from earlier weights (continued pretraining, fcmae.init_from);
+--stem_stride 2 (mask patch 16) suits small images; --in_chans sets the image channels.
 
 Writes to --output_dir (rank 0 only): config.yaml, train.log, metrics.jsonl (one JSON object per
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num) and checkpoint-<epoch>-<updates>.pth
@@ -29,9 +31,9 @@ from typing import Optional, Sequence
 import torch
 
 import fcmae
-from engine.checkpoint import save_safetensors
+from engine.checkpoint import checkpoint_paths, save_safetensors
 from engine.cli import parse_and_validate
-from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, OfficialFlag, TRAINING_CHECKS,
+from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, optional_path)
 from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, pretrain_transform
 from engine.distributed import DistributedInfo
@@ -41,6 +43,7 @@ from engine.runner import Task, launch, run_training
 from fcmae.knn_monitor import KNN_MONITOR_CHECKS, build_knn_monitor
 from fcmae.visualize import fixed_visual_batch, save_png, visualize_reconstructions
 from models import BACKENDS, encoder_export_state
+from models.convnextv2 import DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE
 
 _logger = logging.getLogger("pretrain")
 
@@ -56,11 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("FCMAE")
     group.add_argument("--backend", choices=list(BACKENDS), default="sparse",
                        help="how the encoder skips hidden patches (same weights for every backend)")
-    group.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 patches hidden")
+    group.add_argument("--mask_ratio", type=float, default=0.6,
+                       help="fraction of the mask patches (32x32 pixels, 16x16 with --stem_stride 2) hidden")
     group.add_argument("--norm_pix_loss", action=BooleanFlag, default=True,
                        help="normalise each target patch by its mean/std")
     group.add_argument("--decoder_depth", type=int, default=1, help="ConvNeXt V2 blocks in the decoder")
     group.add_argument("--decoder_embed_dim", type=int, default=512, help="decoder width")
+    group.add_argument("--stem_stride", type=int, metavar="{4,2}", default=DEFAULT_STEM_STRIDE,
+                       help="stem conv kernel and stride (timm's patch_size): 4 as in the paper (mask patch 32), "
+                            "2 for small images (mask patch 16)")
+    group.add_argument("--in_chans", type=int, default=DEFAULT_IN_CHANS, help="image channels")
+    group.add_argument("--init_from", type=optional_path, default=None, metavar="FILE",
+                       help="start a new run from these weights (continued pretraining): any file "
+                            "models.load_pretrained reads; its decoder too where it fits; a stem of another stride or "
+                            "channel count is adapted. Ignored when --output_dir already holds a checkpoint "
+                            "(auto-resume continues that run) (default: random initialisation)")
     knn = parser.add_argument_group("k-NN monitor", "representation quality during pretraining: the encoder embeds "
                                     "a labelled folder and a weighted k-NN classifies its val/ against its train/")
     knn.add_argument("--knn_data_path", type=optional_path, default=None, metavar="DIR",
@@ -82,8 +95,16 @@ OFFICIAL_PRETRAIN_FLAGS = OFFICIAL_LAUNCHER_FLAGS + (
 
 
 PRETRAIN_CHECKS = (
-    Check("--input_size", lambda a: a.input_size % 32 == 0,
-          "must be a multiple of 32 (the FCMAE patch size), e.g. 224"),
+    Check("--input_size", lambda a: a.stem_stride != 4 or a.input_size % 32 == 0,
+          "must be a multiple of 32 (the FCMAE patch size), e.g. 224; or use --stem_stride 2 (patch 16)"),
+    Check("--input_size", lambda a: a.stem_stride != 2 or a.input_size % 16 == 0,
+          "must be a multiple of 16 (the FCMAE patch size with --stem_stride 2), e.g. 96"),
+    Check("--stem_stride", lambda a: a.stem_stride in (4, 2), "must be 4 (the paper's stem) or 2 (small images)"),
+    Check("--in_chans", lambda a: a.in_chans >= 1, "must be >= 1 (3 for RGB, 1 for grayscale)"),
+    Check("--init_from", lambda a: a.init_from is None or Path(a.init_from).is_file(), "no such file"),
+    Check("--init_from", lambda a: a.init_from is None or a.resume is None,
+          "cannot be combined with --resume: --resume continues a run (weights, optimizer, epoch), --init_from starts "
+          "a new one from weights alone; drop one of them"),
     Check("--mask_ratio", lambda a: 0.0 <= a.mask_ratio < 1.0,
           "must be in [0, 1): the fraction of patches hidden (the paper uses 0.6)"),
     Check("--decoder_depth", lambda a: a.decoder_depth >= 1, "must be >= 1 (the paper uses 1)"),
@@ -117,13 +138,14 @@ def make_loss_fn(device: torch.device):
 
 
 def make_export(args: argparse.Namespace, images: torch.Tensor):
-    """With each epoch checkpoint: the encoder (timm names) and the reconstruction grid of ``images``
-    (masks drawn from --seed)."""
+    """With each epoch checkpoint: the encoder (timm names; its stem stride and channel count as
+    metadata) and the reconstruction grid of ``images`` (masks drawn from --seed)."""
 
     def export(model, epochs_done: int, tensorboard: TensorBoardWriter) -> None:
         output_dir = Path(args.output_dir)
         save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
-                         {"model_name": args.model, "format": "timm", "epochs": str(epochs_done)})
+                         {"model_name": args.model, "format": "timm", "epochs": str(epochs_done),
+                          "stem_stride": str(args.stem_stride), "in_chans": str(args.in_chans)})
         grid = visualize_reconstructions(model, images, args.seed)
         save_png(grid, output_dir / "reconstruction.png")
         tensorboard.image("reconstruction", grid, epochs_done)
@@ -131,6 +153,41 @@ def make_export(args: argparse.Namespace, images: torch.Tensor):
         _logger.info("saved %s and reconstruction.png", ENCODER_EXPORT)
 
     return export
+
+
+def build_model(args: argparse.Namespace) -> fcmae.FCMAE:
+    """The FCMAE of the flags; with --init_from, its weights from that file, unless --output_dir holds a
+    checkpoint that auto-resume will continue (the runner resumes after this)."""
+    model = fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim, args.decoder_depth,
+                              args.norm_pix_loss, grad_checkpointing=args.grad_checkpointing,
+                              stem_stride=args.stem_stride, in_chans=args.in_chans)
+    if args.init_from is None:
+        return model
+    if args.auto_resume and checkpoint_paths(args.output_dir):
+        _logger.info("--init_from %s not applied: %s holds checkpoints and auto-resume continues from the newest "
+                     "(start in an empty --output_dir to initialise from the file)", args.init_from, args.output_dir)
+        return model
+    try:
+        report = fcmae.init_from(model, args.init_from)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"--init_from {args.init_from}: {error}") from error
+    for line in report.lines():
+        _logger.info("%s", line)
+    return model
+
+
+def check_checkpoint_fits(args: argparse.Namespace):
+    """Task.check_checkpoint: ConfigError if a checkpoint to resume has another stem stride or channel count."""
+
+    def check(path, state: dict, advice: str) -> None:
+        saved = state.get("config", {})
+        for flag, default in (("stem_stride", DEFAULT_STEM_STRIDE), ("in_chans", DEFAULT_IN_CHANS)):
+            value = saved.get(flag, default)
+            if value != getattr(args, flag):
+                raise ConfigError(f"--{flag} {getattr(args, flag)}: checkpoint {path} was trained with --{flag} "
+                                  f"{value}; use --{flag} {value} {advice}")
+
+    return check
 
 
 def make_knn_evaluation(args: argparse.Namespace, info: DistributedInfo):
@@ -149,13 +206,12 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
     dataset = build_dataset(args)
     return Task(
         train_set=dataset,
-        build_model=lambda: fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim,
-                                              args.decoder_depth, args.norm_pix_loss,
-                                              grad_checkpointing=args.grad_checkpointing),
+        build_model=lambda: build_model(args),
         loss_fn=make_loss_fn(info.device),
         recipe_blr=RECIPE_BLR,
         adamw_betas=ADAMW_BETAS,
-        description=f"{args.model} ({args.backend} backend)",
+        description=f"{args.model} ({args.backend} backend, stem stride {args.stem_stride}, {args.in_chans} channels)",
+        check_checkpoint=check_checkpoint_fits(args),
         export=make_export(args, fixed_visual_batch(dataset, args.input_size, info.device))
         if info.is_main else None,  # python -m fcmae.visualize redraws the same picture from a checkpoint
         evaluate=make_knn_evaluation(args, info),

@@ -3,6 +3,7 @@ import models  # noqa: F401  (first: installs the torchvision guard before timm 
 from models import mask_from_visible_cells, visible_cells_from_mask
 from models.convnextv2 import DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE
 
+from .init_from import InitReport, init_from
 from .masking import keep_count, random_visible_cells
 from .model import FCMAE, patchify, unpatchify
 
@@ -29,5 +30,5 @@ def build_fcmae(
     return model
 
 
-__all__ = ["FCMAE", "build_fcmae", "keep_count", "mask_from_visible_cells", "patchify", "random_visible_cells",
-           "unpatchify", "visible_cells_from_mask"]
+__all__ = ["FCMAE", "InitReport", "build_fcmae", "init_from", "keep_count", "mask_from_visible_cells", "patchify",
+           "random_visible_cells", "unpatchify", "visible_cells_from_mask"]
