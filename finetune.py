@@ -49,7 +49,7 @@ from finetune.evaluate import evaluate
 from finetune.mixup import MIXUP_MODES, build_mixup, build_train_criterion
 from finetune.model import build_finetune_model
 from finetune.transforms import build_train_transform
-from models import MODEL_CONFIGS, convert_to_timm, load_pretrained
+from models import MODEL_CONFIGS, convert_to_timm, load_pretrained, stem_geometry, total_stride
 from models.checkpoint import read_checkpoint
 from models.layer_decay import DECAY_TYPES, param_groups_layer_decay
 
@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--finetune", type=optional_path, default=None,
                        help="initial weights: any checkpoint models.load_pretrained reads (ours, encoder.safetensors, "
                             "official FCMAE / fine-tuned / MinkowskiEngine) (default: random initialisation)")
+    model.add_argument("--stem_stride", type=int, metavar="{4,2}", default=None,
+                       help="stem conv kernel and stride (timm's patch_size): 4 as in the paper, 2 for small images; "
+                            "another than the --finetune checkpoint's adapts its stem (default: the checkpoint's, "
+                            "else 4)")
+    model.add_argument("--in_chans", type=int, default=None,
+                       help="image channels; another than the checkpoint's adapts its stem (default: the "
+                            "checkpoint's, else 3)")
     model.add_argument("--nb_classes", type=int, default=None,
                        help="classifier outputs (default: the number of class folders)")
     model.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
@@ -154,6 +161,13 @@ FINETUNE_CHECKS = (
     Check("--data_path", lambda a: a.data_path is None or not Path(a.data_path).is_file(),
           "fine-tuning needs labels, which a file list does not give; pass a folder of class folders "
           "(<root>/train/<class>/<image>, <root>/val/<class>/<image>)"),
+    Check("--input_size", lambda a: a.stem_stride != 2 or a.input_size % 16 == 0,
+          "must be a multiple of 16 (the total stride with --stem_stride 2), e.g. 96"),
+    Check("--input_size", lambda a: a.stem_stride != 4 or a.input_size % 32 == 0,
+          "must be a multiple of 32 (the total stride with --stem_stride 4), e.g. 224"),
+    Check("--stem_stride", lambda a: a.stem_stride in (None, 4, 2),
+          "must be 4 (the paper's stem) or 2 (small images), or left out to take the checkpoint's"),
+    Check("--in_chans", lambda a: a.in_chans is None or a.in_chans >= 1, "must be >= 1 (3 for RGB, 1 for grayscale)"),
     Check("--eval_data_path", lambda a: a.eval_data_path is None or Path(a.eval_data_path).is_dir(),
           "no such folder; give the validation folder (<path>/<class>/<image> or <path>/val/<class>/<image>)"),
     Check("--nb_classes", lambda a: a.nb_classes is None or a.nb_classes >= 1,
@@ -198,6 +212,19 @@ def resolve_num_classes(args: argparse.Namespace, classes: list[str]) -> int:
         raise ConfigError(f"--nb_classes {args.nb_classes}: the data has {len(classes)} classes; "
                           f"use at least {len(classes)} or leave --nb_classes out")
     return args.nb_classes
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The model to fine-tune (``build_finetune_model``); ConfigError for a checkpoint that does not
+    fit, or an --input_size that is no multiple of the total stride of the stem it ends up with."""
+    model = as_config_error("--finetune", build_finetune_model, args.model, num_classes, args.finetune, args.drop_path,
+                            grad_checkpointing=args.grad_checkpointing, stem_stride=args.stem_stride,
+                            in_chans=args.in_chans)
+    stem_stride = stem_geometry(model.stem[0].weight)[0]
+    if args.input_size % total_stride(stem_stride):
+        raise ConfigError(f"--input_size {args.input_size}: must be a multiple of {total_stride(stem_stride)}, the "
+                          f"total stride of the model's stride-{stem_stride} stem (--stem_stride chooses another)")
+    return model
 
 
 def make_loss_fn(mixup_fn, criterion, device: torch.device):
@@ -286,8 +313,7 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
 
     return Task(
         train_set=train_set,
-        build_model=lambda: as_config_error("--finetune", build_finetune_model, args.model, num_classes,
-                                            args.finetune, args.drop_path, grad_checkpointing=args.grad_checkpointing),
+        build_model=lambda: build_model(args, num_classes),
         loss_fn=make_loss_fn(mixup_fn, build_train_criterion(mixup_fn, args.smoothing), info.device),
         recipe_blr=RECIPE_BLR,
         adamw_betas=ADAMW_BETAS,
@@ -358,7 +384,8 @@ def evaluate_checkpoint(args: argparse.Namespace, info: DistributedInfo) -> dict
                           f"classes{f' and --nb_classes is {args.nb_classes}' if args.nb_classes else ''}; "
                           f"pass --nb_classes {head.shape[0]} if the class folders are the first {len(classes)} "
                           "of the checkpoint's classes in sorted order, or evaluate on matching data")
-    candidates = {"model": as_config_error(path, load_pretrained, args.model, path, num_classes=num_classes)}
+    candidates = {"model": as_config_error(path, load_pretrained, args.model, path, num_classes=num_classes,
+                                           stem_stride=args.stem_stride, in_chans=args.in_chans)}
     if isinstance(raw, dict) and "model_ema" in raw:
         candidates["ema"] = copy.deepcopy(candidates["model"])
         candidates["ema"].load_state_dict(raw["model_ema"])

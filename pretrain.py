@@ -10,6 +10,8 @@ Effective batch = batch_size * update_freq * world_size (the recipe uses 4096); 
 blr * effective batch / 256 unless --lr is given. Rerunning the same command resumes from the
 newest valid checkpoint in --output_dir (--auto_resume, on by default), mid-epoch ones included.
 SIGTERM / SIGUSR1 checkpoint at the next optimizer update and exit with code 3 (engine.runner).
+--init_from FILE starts a new run from earlier weights (continued pretraining, fcmae.init_from);
+--stem_stride 2 (mask patch 16) suits small images; --in_chans sets the image channels.
 
 Writes to --output_dir (output/pretrain; the demo: output/pretrain_demo; --config configs/pretrain_<size>.yaml:
 output/pretrain_<size>), on rank 0: config.yaml, train.log, metrics.jsonl (one JSON object per
@@ -34,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 import fcmae
-from engine.checkpoint import PRETRAINING, other_kind_problem, save_safetensors
+from engine.checkpoint import PRETRAINING, checkpoint_paths, other_kind_problem, save_safetensors
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, optional_path)
@@ -44,10 +46,10 @@ from engine.index_cache import INDEX_CACHE_NAME, IndexCache
 from engine.logging import TensorBoardWriter
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
-from engine.seeding import derive_seed, generator
 from fcmae.knn_monitor import KNN_MONITOR_CHECKS, build_knn_monitor
 from fcmae.visualize import fixed_visual_batch, save_png, visualize_reconstructions
 from models import BACKENDS, encoder_export_state
+from models.convnextv2 import DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE
 
 _logger = logging.getLogger("pretrain")
 
@@ -63,11 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("FCMAE")
     group.add_argument("--backend", choices=list(BACKENDS), default="sparse",
                        help="how the encoder skips hidden patches (same weights for every backend)")
-    group.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 patches hidden")
+    group.add_argument("--mask_ratio", type=float, default=0.6,
+                       help="fraction of the mask patches (32x32 pixels, 16x16 with --stem_stride 2) hidden")
     group.add_argument("--norm_pix_loss", action=BooleanFlag, default=True,
                        help="normalise each target patch by its mean/std")
     group.add_argument("--decoder_depth", type=int, default=1, help="ConvNeXt V2 blocks in the decoder")
     group.add_argument("--decoder_embed_dim", type=int, default=512, help="decoder width")
+    group.add_argument("--stem_stride", type=int, metavar="{4,2}", default=DEFAULT_STEM_STRIDE,
+                       help="stem conv kernel and stride (timm's patch_size): 4 as in the paper (mask patch 32), "
+                            "2 for small images (mask patch 16)")
+    group.add_argument("--in_chans", type=int, default=DEFAULT_IN_CHANS, help="image channels")
+    group.add_argument("--init_from", type=optional_path, default=None, metavar="FILE",
+                       help="start a new run from these weights (continued pretraining): any file "
+                            "models.load_pretrained reads; its decoder too where it fits; a stem of another stride or "
+                            "channel count is adapted. Ignored when --output_dir already holds a checkpoint "
+                            "(auto-resume continues that run) (default: random initialisation)")
     knn = parser.add_argument_group("k-NN monitor", "representation quality during pretraining: the encoder embeds "
                                     "a labelled folder and a weighted k-NN classifies its val/ against its train/")
     knn.add_argument("--knn_data_path", type=optional_path, default=None, metavar="DIR",
@@ -89,8 +101,16 @@ OFFICIAL_PRETRAIN_FLAGS = OFFICIAL_LAUNCHER_FLAGS + (
 
 
 PRETRAIN_CHECKS = (
-    Check("--input_size", lambda a: a.input_size % 32 == 0,
-          "must be a multiple of 32 (the FCMAE patch size), e.g. 224"),
+    Check("--input_size", lambda a: a.stem_stride != 4 or a.input_size % 32 == 0,
+          "must be a multiple of 32 (the FCMAE patch size), e.g. 224; or use --stem_stride 2 (patch 16)"),
+    Check("--input_size", lambda a: a.stem_stride != 2 or a.input_size % 16 == 0,
+          "must be a multiple of 16 (the FCMAE patch size with --stem_stride 2), e.g. 96"),
+    Check("--stem_stride", lambda a: a.stem_stride in (4, 2), "must be 4 (the paper's stem) or 2 (small images)"),
+    Check("--in_chans", lambda a: a.in_chans >= 1, "must be >= 1 (3 for RGB, 1 for grayscale)"),
+    Check("--init_from", lambda a: a.init_from is None or Path(a.init_from).is_file(), "no such file"),
+    Check("--init_from", lambda a: a.init_from is None or a.resume is None,
+          "cannot be combined with --resume: --resume continues a run (weights, optimizer, epoch), --init_from starts "
+          "a new one from weights alone; drop one of them"),
     Check("--mask_ratio", lambda a: 0.0 <= a.mask_ratio < 1.0,
           "must be in [0, 1): the fraction of patches hidden (the paper uses 0.6)"),
     Check("--decoder_depth", lambda a: a.decoder_depth >= 1, "must be >= 1 (the paper uses 1)"),
@@ -113,34 +133,54 @@ def build_dataset(args: argparse.Namespace, index_cache: Optional[IndexCache] = 
     return EmbeddedPhotos("train", args.input_size, args.embedded_samples)
 
 
-def make_loss_fn(args: argparse.Namespace, rank: int, device: torch.device):
-    """FCMAE loss on a micro-batch; the mask is drawn on ``device``, seeded by (seed, epoch, iteration, rank)."""
+def make_loss_fn(device: torch.device):
+    """FCMAE loss on a micro-batch. The model draws its own mask on ``device`` from the default
+    generator, which the training loop reseeds from (seed, epoch, iteration, rank) per micro-batch."""
 
     def fcmae_loss(model, batch, step: Step):
-        images = to_device(batch[0], device)
-        num_cells = (images.shape[2] // 32) * (images.shape[3] // 32)
-        mask_rng = generator(derive_seed(args.seed, step.epoch, step.iteration, rank), device)
-        mask = fcmae.random_masking(images.shape[0], num_cells, args.mask_ratio, generator=mask_rng, device=device)
-        loss, _, _ = model(images, mask, check_mask=False)  # drawn as the model draws it: not read
+        loss, _, _ = model(to_device(batch[0], device))
         return loss, {}
 
     return fcmae_loss
 
 
-def make_export(args: argparse.Namespace, visuals: tuple[torch.Tensor, torch.Tensor]):
-    """With each epoch checkpoint: the encoder (timm names) and the reconstruction grid."""
+def make_export(args: argparse.Namespace, images: torch.Tensor):
+    """With each epoch checkpoint: the encoder (timm names; its stem stride and channel count as
+    metadata) and the reconstruction grid of ``images`` (masks drawn from --seed)."""
 
     def export(model, epochs_done: int, tensorboard: TensorBoardWriter) -> None:
         output_dir = Path(args.output_dir)
         save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
-                         {"model_name": args.model, "format": "timm", "epochs": str(epochs_done)})
-        grid = visualize_reconstructions(model, *visuals)
+                         {"model_name": args.model, "format": "timm", "epochs": str(epochs_done),
+                          "stem_stride": str(args.stem_stride), "in_chans": str(args.in_chans)})
+        grid = visualize_reconstructions(model, images, args.seed)
         save_png(grid, output_dir / "reconstruction.png")
         tensorboard.image("reconstruction", grid, epochs_done)
         tensorboard.flush()
         _logger.info("saved %s and reconstruction.png", ENCODER_EXPORT)
 
     return export
+
+
+def build_model(args: argparse.Namespace) -> fcmae.FCMAE:
+    """The FCMAE of the flags; with --init_from, its weights from that file, unless --output_dir holds a
+    checkpoint that auto-resume will continue (the runner resumes after this)."""
+    model = fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim, args.decoder_depth,
+                              args.norm_pix_loss, grad_checkpointing=args.grad_checkpointing,
+                              stem_stride=args.stem_stride, in_chans=args.in_chans)
+    if args.init_from is None:
+        return model
+    if args.auto_resume and checkpoint_paths(args.output_dir):
+        _logger.info("--init_from %s not applied: %s holds checkpoints and auto-resume continues from the newest "
+                     "(start in an empty --output_dir to initialise from the file)", args.init_from, args.output_dir)
+        return model
+    try:
+        report = fcmae.init_from(model, args.init_from)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"--init_from {args.init_from}: {error}") from error
+    for line in report.lines():
+        _logger.info("%s", line)
+    return model
 
 
 def make_knn_evaluation(args: argparse.Namespace, info: DistributedInfo):
@@ -156,16 +196,23 @@ def make_knn_evaluation(args: argparse.Namespace, info: DistributedInfo):
 
 
 def make_checkpoint_check(args: argparse.Namespace):
-    """ConfigError if a checkpoint to resume is finetune.py's (a classifier, not an FCMAE)."""
+    """ConfigError if a checkpoint to resume is finetune.py's (a classifier, not an FCMAE), or was
+    trained with another stem stride or channel count."""
 
-    def check_checkpoint_is_pretraining(path, state: dict, advice: str) -> None:
+    def check_checkpoint_fits(path, state: dict, advice: str) -> None:
         problem = other_kind_problem(path, state, PRETRAINING, resumed=args.resume is not None)
         if problem:
             remedy = (f"pass a checkpoint of pretrain.py to --resume (finetune.py --eval --resume {path} evaluates "
                       "this one)" if args.resume else "pretrain into another --output_dir")
             raise ConfigError(f"{problem}; {remedy}")
+        saved = state.get("config", {})
+        for flag, default in (("stem_stride", DEFAULT_STEM_STRIDE), ("in_chans", DEFAULT_IN_CHANS)):
+            value = saved.get(flag, default)
+            if value != getattr(args, flag):
+                raise ConfigError(f"--{flag} {getattr(args, flag)}: checkpoint {path} was trained with --{flag} "
+                                  f"{value}; use --{flag} {value} {advice}")
 
-    return check_checkpoint_is_pretraining
+    return check_checkpoint_fits
 
 
 def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
@@ -173,18 +220,15 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
     dataset = build_dataset(args, index_cache)
     return Task(
         train_set=dataset,
-        build_model=lambda: fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim,
-                                              args.decoder_depth, args.norm_pix_loss,
-                                              grad_checkpointing=args.grad_checkpointing),
-        loss_fn=make_loss_fn(args, info.rank, info.device),
+        build_model=lambda: build_model(args),
+        loss_fn=make_loss_fn(info.device),
         recipe_blr=RECIPE_BLR,
         adamw_betas=ADAMW_BETAS,
-        description=f"{args.model} ({args.backend} backend)",
-        # python -m fcmae.visualize redraws the same picture from a checkpoint
-        export=make_export(args, fixed_visual_batch(dataset, args.input_size, args.mask_ratio, args.seed, info.device))
-        if info.is_main else None,
-        outputs_opened=index_cache.save_pending if info.is_main else None,  # the scan, for the next run
+        description=f"{args.model} ({args.backend} backend, stem stride {args.stem_stride}, {args.in_chans} channels)",
         check_checkpoint=make_checkpoint_check(args),
+        # python -m fcmae.visualize redraws the same picture from a checkpoint
+        export=make_export(args, fixed_visual_batch(dataset, args.input_size, info.device)) if info.is_main else None,
+        outputs_opened=index_cache.save_pending if info.is_main else None,  # the scan, for the next run
         evaluate=make_knn_evaluation(args, info),
         epoch_summary=lambda record: f"knn_top1 {record['knn_top1']:.2f}%" if "knn_top1" in record else "",
     )

@@ -30,14 +30,15 @@ def main() -> None:
     torch.manual_seed(0)
     encoder = models.SparseConvNeXtV2(args.model)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
-    cells = (args.input_size // 32) ** 2
-    mask = fcmae.random_masking(args.batch_size, cells, args.mask_ratio, generator=torch.Generator().manual_seed(0))
+    cells = (args.input_size // encoder.total_stride) ** 2
+    visible = fcmae.random_visible_cells(args.batch_size, cells, args.mask_ratio,
+                                         generator=torch.Generator().manual_seed(0))
     seconds = {"sparse": [], "masked": []}
     for repeat in range(args.repeats + 1):
         for backend in seconds:  # interleaved, so machine noise hits both alike
             encoder.backend = backend
             start = time.perf_counter()
-            encoder(images, mask).square().mean().backward()
+            encoder(images, visible).square().mean().backward()
             if repeat:
                 seconds[backend].append(time.perf_counter() - start)
     print(f"{args.model}, {args.input_size} px, batch {args.batch_size}, mask {args.mask_ratio}, "

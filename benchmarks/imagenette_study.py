@@ -212,16 +212,15 @@ def pretrain(args, images: torch.Tensor, val_images: torch.Tensor, monitor: KNNM
     optimizer = build_adamw(model, scaled_lr(args.pretrain_blr, args.batch_size), weight_decay=0.05, betas=(0.9, 0.95))
     scheduler = per_update_schedule(optimizer, args.pretrain_epochs, len(loader))
     stepper = GradientStepper(model, optimizer, clip_grad=args.clip_grad)
-    cells = (args.input_size // model.patch_size) ** 2
     losses: list[float] = []
     curve_epochs = knn_epochs(args)
     curve = [{"epoch": 0, **monitor.evaluate(model.encoder)}]
 
     def loss_fn(model, batch, step):
         batch_images = batch[0]
-        mask = fcmae.random_masking(len(batch_images), cells, args.mask_ratio,
-                                    generator=generator(derive_seed(args.seed, step.epoch, step.iteration)))
-        loss, _, _ = model(batch_images, mask)
+        mask_rng = generator(derive_seed(args.seed, step.epoch, step.iteration))
+        visible = model.random_visible_cells(batch_images, mask_rng)
+        loss, _, _ = model(batch_images, visible)
         losses.append(loss.item())
         return loss, {}
 
@@ -236,8 +235,7 @@ def pretrain(args, images: torch.Tensor, val_images: torch.Tensor, monitor: KNNM
             save_safetensors(model.encoder.state_dict(), budget_encoder_path(args, epochs_done),
                              {"model": args.model, "input_size": str(args.input_size), "epochs": str(epochs_done)})
     shown = to_model_input()(val_images[:8])
-    mask = fcmae.random_masking(len(shown), cells, args.mask_ratio, generator=generator(args.seed))
-    save_png(visualize_reconstructions(model, shown, mask), args.output_dir / "reconstructions.png")
+    save_png(visualize_reconstructions(model, shown, args.seed), args.output_dir / "reconstructions.png")
     return losses, curve
 
 

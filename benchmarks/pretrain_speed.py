@@ -44,9 +44,9 @@ import torch.nn.functional as F  # noqa: E402
 import models  # noqa: E402  (first: installs the torchvision guard before timm is imported)
 from engine.flops import flop_counter  # noqa: E402
 from engine.optim import build_adamw  # noqa: E402
-from fcmae import build_fcmae, random_masking  # noqa: E402
+from fcmae import build_fcmae  # noqa: E402
 from models import check_model_name, create_dense_model  # noqa: E402
-from models.sparse_encoder import TOTAL_STRIDE  # noqa: E402
+from fcmae.model import PAPER_PATCH_SIZE as PATCH_SIZE  # noqa: E402
 
 MODES = ("sparse", "masked", "minkowski", "dense")  # FCMAE encoder backends, then the dense reference
 BASELINE = "masked"  # ratios are taken against the dense-cost FCMAE backend
@@ -101,8 +101,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="atto, 64 px, batch 2, mask 0.6, one step, one repeat (explicit flags still win)")
     args = parse_with_smoke_defaults(parser, argv, SMOKE)
-    if args.input_size < TOTAL_STRIDE or args.input_size % TOTAL_STRIDE:
-        parser.error(f"--input-size must be a positive multiple of {TOTAL_STRIDE}, got {args.input_size}")
+    if args.input_size < PATCH_SIZE or args.input_size % PATCH_SIZE:
+        parser.error(f"--input-size must be a positive multiple of {PATCH_SIZE}, got {args.input_size}")
     if not all(0.0 <= ratio < 1.0 for ratio in args.mask_ratios):
         parser.error(f"--mask-ratios must lie in [0, 1), got {args.mask_ratios}")
     if min(args.batch_sizes) < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
@@ -157,9 +157,7 @@ class TrainingStep:
     def encoder_forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
             return self.model.forward_features(images)
-        cells = (images.shape[2] // TOTAL_STRIDE) * (images.shape[3] // TOTAL_STRIDE)
-        mask = random_masking(images.shape[0], cells, self.mask_ratio, device=self.device)
-        return self.model.encoder(images, mask)
+        return self.model.encoder(images, self.model.random_visible_cells(images))
 
     def __call__(self) -> None:
         with self.autocast():

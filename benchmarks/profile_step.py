@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from benchmarks.pretrain_speed import MODES, TrainingStep, machine_info, resolve_backends_and_device  # noqa: E402
 from engine.config import DefaultsOnceHelpFormatter  # noqa: E402
 from models import check_model_name  # noqa: E402
-from models.sparse_encoder import TOTAL_STRIDE  # noqa: E402
+from fcmae.model import PAPER_PATCH_SIZE as PATCH_SIZE  # noqa: E402
 
 PHASES = ("encoder forward", "rest of forward", "backward", "optimizer step")
 SMOKE = dict(model="atto", input_size=64, batch_size=2, steps=1, warmup=0, top=5)
@@ -60,8 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.model = check_model_name(args.model if args.model.startswith("convnextv2_") else f"convnextv2_{args.model}")
     except ValueError as error:
         parser.error(f"--model: {error}")
-    if args.input_size < TOTAL_STRIDE or args.input_size % TOTAL_STRIDE:
-        parser.error(f"--input-size must be a positive multiple of {TOTAL_STRIDE}, got {args.input_size}")
+    if args.input_size < PATCH_SIZE or args.input_size % PATCH_SIZE:
+        parser.error(f"--input-size must be a positive multiple of {PATCH_SIZE}, got {args.input_size}")
     if not 0.0 <= args.mask_ratio < 1.0:
         parser.error(f"--mask-ratio must lie in [0, 1), got {args.mask_ratio}")
     if min(args.batch_size, args.steps, args.top, args.threads) < 1 or args.warmup < 0:

@@ -6,6 +6,9 @@ One row per image; the columns are labelled in the picture itself:
     original | masked input (hidden patches grey) | reconstruction | reconstruction + visible
     | reconstruction + visible (visible stats)        <- with norm_pix_loss only
 
+Images of another channel count than 3 are shown as what a picture can show: one or two
+channels as gray (the first channel), more than three as the first three in RGB.
+
 With ``norm_pix_loss`` the model predicts each hidden patch normalised to zero mean and unit
 variance; "reconstruction" un-normalises it with the mean and std of the *true* patch, so its
 brightness and contrast come from the ground truth, not from the model. The last column uses
@@ -21,21 +24,22 @@ Without ``--images`` it draws the run's own picture: the images of its ``--data_
 embedded photos) chosen, transformed and masked as pretraining does, so with the same
 checkpoint, seed and device it equals that epoch's ``reconstruction.png`` pixel for pixel.
 Model, input size, mask ratio, seed, ``norm_pix_loss`` and backend default to the values saved
-in the checkpoint. Image selection (``fixed_visual_batch``): up to 8 images spread evenly over
-the sorted file list (folders are searched recursively, ImageFolder order), each resized
-(short side) and center-cropped to ``--input_size``; the mask is drawn from ``--seed``.
+in the checkpoint; the stem stride (mask patch 32 or 16) and channel count come from its
+weights. Image selection (``fixed_visual_batch``): up to 8 images spread evenly over the sorted
+file list (folders are searched recursively, ImageFolder order), each resized (short side) and
+center-cropped to ``--input_size``; the mask is the model's own, drawn from ``--seed``.
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
 import models
 import torch
+from models.checkpoint import unwrap_state
 from PIL import Image, ImageDraw, ImageFont
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
@@ -45,7 +49,6 @@ from torchvision.utils import make_grid, save_image
 
 from engine.config import BooleanFlag, Check, TrainingArgumentParser, validate
 
-from .masking import random_masking
 from .model import FCMAE, patchify, unpatchify
 
 _logger = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ DECODER_KEYS = ("proj.weight", "mask_token", "pred.weight")
 def predicted_images(
     images: torch.Tensor, pred: torch.Tensor, norm_pix_loss: bool, patch_size: int = 32
 ) -> torch.Tensor:
-    """(N, L, p*p*3) predicted patches -> (N, 3, H, W) in the space of ``images``; with
+    """(N, L, p*p*C) predicted patches -> (N, C, H, W) in the space of ``images``; with
     ``norm_pix_loss`` each patch takes the mean and std of the matching true patch."""
     pred = pred.float()
     if norm_pix_loss:
@@ -82,7 +85,7 @@ def predicted_images(
 def predicted_images_visible_stats(
     images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int = 32
 ) -> torch.Tensor:
-    """(N, L, p*p*3) norm-pix predictions -> (N, 3, H, W), every patch un-normalised with the mean
+    """(N, L, p*p*C) norm-pix predictions -> (N, C, H, W), every patch un-normalised with the mean
     and std of all visible pixels of its image (mask: (N, L), 1 = hidden)."""
     target = patchify(images.float(), patch_size)  # (N, L, D)
     visible = (1.0 - mask.float()).unsqueeze(-1)  # (N, L, 1)
@@ -111,14 +114,16 @@ def reconstruction_columns(
     patch_size: int = 32,
 ) -> list[torch.Tensor]:
     """The picture's columns, each (N, 3, H, W) in [0, 1], in ``COLUMN_LABELS`` order (the last
-    one with ``norm_pix_loss`` only). images: (N, 3, H, W) normalised with ``mean``/``std``;
-    pred: (N, L, p*p*3) model output; mask: (N, L), 1 = hidden."""
+    one with ``norm_pix_loss`` only). images: (N, C, H, W) normalised with ``mean``/``std`` (one
+    value per channel; values of another count, such as ImageNet's three for a 1-channel image,
+    are averaged into one for every channel); pred: (N, L, p*p*C) model output; mask: (N, L),
+    1 = hidden. Channels are shown as the module docstring says."""
     images, pred, mask = images.detach().cpu(), pred.detach().cpu(), mask.detach().cpu()
-    mean_t = torch.tensor(mean).reshape(1, 3, 1, 1)
-    std_t = torch.tensor(std).reshape(1, 3, 1, 1)
+    mean_t = _per_channel(mean, images.shape[1])
+    std_t = _per_channel(std, images.shape[1])
 
     def to_display(normalised: torch.Tensor) -> torch.Tensor:
-        return (normalised.float() * std_t + mean_t).clamp(0.0, 1.0)
+        return _as_rgb((normalised.float() * std_t + mean_t).clamp(0.0, 1.0))
 
     hidden = _pixel_mask(mask, images, patch_size)
     original = to_display(images)
@@ -129,6 +134,22 @@ def reconstruction_columns(
         visible_stats = to_display(predicted_images_visible_stats(images, pred, mask, patch_size))
         columns.append(original * (1 - hidden) + visible_stats * hidden)
     return columns
+
+
+def _per_channel(values: Sequence[float], channels: int) -> torch.Tensor:
+    """(1, C, 1, 1) normalisation statistics: ``values`` if there is one per channel, else their mean."""
+    per_channel = torch.tensor(values, dtype=torch.float32)
+    if len(per_channel) != channels:
+        per_channel = per_channel.mean().expand(channels)
+    return per_channel.reshape(1, channels, 1, 1)
+
+
+def _as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, 3, H, W): RGB as is, one or two channels as gray (the first), more than
+    three as their first three."""
+    if images.shape[1] < 3:
+        return images[:, :1].expand(-1, 3, -1, -1)
+    return images[:, :3]
 
 
 def reconstruction_grid(
@@ -209,14 +230,18 @@ def _wrap(font, text: str, width: int) -> list[str]:
 
 @torch.no_grad()
 def visualize_reconstructions(
-    model: FCMAE, images: torch.Tensor, mask: torch.Tensor, max_images: int = VISUAL_IMAGES
+    model: FCMAE, images: torch.Tensor, seed: int, max_images: int = VISUAL_IMAGES,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> torch.Tensor:
-    """Run ``model`` (an unwrapped FCMAE) on ``images`` with ``mask`` and return the picture."""
+    """Run ``model`` (an unwrapped FCMAE) in eval mode on ``images`` (normalised with ``mean`` and
+    ``std``) with its own random mask, drawn on a CPU generator seeded with ``seed`` (the same
+    mask at every call, on any device), and return the picture."""
     was_training = model.training
     model.eval()
-    _, pred, mask = model(images, mask)
+    visible_cells = model.random_visible_cells(images, torch.Generator().manual_seed(seed))
+    _, pred, mask = model(images, visible_cells)
     model.train(was_training)
-    return reconstruction_grid(images, pred, mask, model.norm_pix_loss, max_images)
+    return reconstruction_grid(images, pred, mask, model.norm_pix_loss, max_images, mean, std, model.patch_size)
 
 
 def save_png(grid: torch.Tensor, path: str | os.PathLike) -> None:
@@ -236,15 +261,14 @@ def visual_transform(input_size: int) -> transforms.Compose:
 
 
 def fixed_visual_batch(
-    source, input_size: int, mask_ratio: float, seed: int, device: torch.device | str = "cpu",
-    count: int = VISUAL_IMAGES,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images (N, 3, S, S) and mask (N, L) of a reconstruction picture, the same at every call.
+    source, input_size: int, device: torch.device | str = "cpu", count: int = VISUAL_IMAGES,
+) -> torch.Tensor:
+    """The images (N, 3, S, S) of a reconstruction picture, the same at every call.
 
     ``source``: ``engine.data.EmbeddedPhotos`` (its first ``count`` items, already cropped), or an
     image folder dataset (``.samples``) or a list of image paths: ``count`` files spread evenly over
     the list, each through ``visual_transform`` (an unreadable file is replaced by the next readable
-    one). The mask: ``random_masking`` on a generator seeded with ``seed``.
+    one). ``visualize_reconstructions`` draws their mask.
     """
     from engine.data import EmbeddedPhotos
 
@@ -257,9 +281,7 @@ def fixed_visual_batch(
             paths = list(source)
             where = os.path.commonpath([os.path.abspath(path) for path in paths]) if paths else "the list"
         images = _load_spread(paths, input_size, count, where)
-    num_cells = (images.shape[2] // 32) * (images.shape[3] // 32)
-    mask = random_masking(len(images), num_cells, mask_ratio, generator=torch.Generator().manual_seed(seed))
-    return images.to(device), mask.to(device)
+    return images.to(device)
 
 
 def _load_spread(paths: Sequence[str | os.PathLike], input_size: int, count: int, where) -> torch.Tensor:
@@ -307,16 +329,15 @@ def image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def load_fcmae(path: str | os.PathLike, model_name: Optional[str] = None, backend: Optional[str] = None,
-               norm_pix_loss: Optional[bool] = None) -> tuple[FCMAE, dict]:
+               norm_pix_loss: Optional[bool] = None, mask_ratio: Optional[float] = None) -> tuple[FCMAE, dict]:
     """The whole FCMAE (encoder and decoder) of a pretraining checkpoint, in eval mode, and the
     configuration saved with it (``{}`` if none). Unset arguments come from that configuration;
-    decoder width and depth from the tensors. ValueError for a file without a decoder."""
+    decoder width and depth, stem stride and input channels from the tensors. ValueError for a
+    file without a decoder."""
     from fcmae import build_fcmae
 
     checkpoint = models.read_checkpoint(path)
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
-    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state.items()
-             if isinstance(value, torch.Tensor)}
+    state = unwrap_state(checkpoint)
     if not all(key in state for key in DECODER_KEYS):
         raise ValueError(
             f"{path} has no FCMAE decoder (proj, mask_token, decoder, pred), so it cannot reconstruct images. "
@@ -336,8 +357,10 @@ def load_fcmae(path: str | os.PathLike, model_name: Optional[str] = None, backen
         backend = "sparse"
     norm_pix_loss = config.get("norm_pix_loss", True) if norm_pix_loss is None else norm_pix_loss
     decoder_depth = len({key.split(".")[1] for key in state if key.startswith("decoder.")})
-    model = build_fcmae(model_name, backend, config.get("mask_ratio", 0.6), state["proj.weight"].shape[0],
-                        decoder_depth, norm_pix_loss)
+    stem_stride, in_chans = models.stem_geometry(state["encoder.stem.0.weight"])
+    mask_ratio = config.get("mask_ratio", 0.6) if mask_ratio is None else mask_ratio
+    model = build_fcmae(model_name, backend, mask_ratio, state["proj.weight"].shape[0], decoder_depth, norm_pix_loss,
+                        stem_stride=stem_stride, in_chans=in_chans)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -362,7 +385,8 @@ def build_parser() -> TrainingArgumentParser:
     parser.add_argument("--images", nargs="+", default=None,
                         help="image files and/or folders (default: the run's --data_path, or the embedded photos)")
     parser.add_argument("--model", default=None, help="convnextv2_<size> (default: the checkpoint's)")
-    parser.add_argument("--input_size", type=int, default=None, help="multiple of 32 (default: the run's)")
+    parser.add_argument("--input_size", type=int, default=None,
+                        help="multiple of the mask patch, 32 (16 with a stride-2 stem) (default: the run's)")
     parser.add_argument("--mask_ratio", type=float, default=None, help="fraction hidden (default: the run's)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the mask (default: the run's --seed)")
     parser.add_argument("--max_images", type=int, default=VISUAL_IMAGES, help="rows of the picture")
@@ -375,8 +399,8 @@ def build_parser() -> TrainingArgumentParser:
 
 VISUALIZE_CHECKS = (  # on the values in use: given, or the checkpoint's
     Check("--output", lambda a: Path(a.output).suffix.lower() == ".png", "the file name must end in .png"),
-    Check("--input_size", lambda a: a.input_size >= 32 and a.input_size % 32 == 0,
-          "must be a multiple of 32 (the FCMAE patch size), e.g. 224"),
+    Check("--input_size", lambda a: a.input_size % a.patch_size == 0,
+          "must be a multiple of the checkpoint's mask patch (32; 16 with a stride-2 stem), e.g. 224"),
     Check("--mask_ratio", lambda a: 0.0 <= a.mask_ratio < 1.0, "must be in [0, 1): the fraction of patches hidden"),
     Check("--max_images", lambda a: a.max_images >= 1, "must be >= 1 (rows of the picture)"),
 )
@@ -394,9 +418,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         device = choose_device(args.device)
         model, config = load_fcmae(args.checkpoint, args.model, args.backend, args.norm_pix_loss)
         input_size = args.input_size = args.input_size or config.get("input_size", 224)
-        mask_ratio = args.mask_ratio = config.get("mask_ratio", 0.6) if args.mask_ratio is None else args.mask_ratio
+        args.mask_ratio = model.mask_ratio if args.mask_ratio is None else args.mask_ratio
+        args.patch_size = model.patch_size
         seed = config.get("seed", 0) if args.seed is None else args.seed
         validate(args, VISUALIZE_CHECKS)
+        model.mask_ratio = args.mask_ratio
         if args.images is not None:
             source, described = image_paths(args.images), " ".join(args.images)
         elif config.get("data_path"):
@@ -405,13 +431,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         else:
             source = EmbeddedPhotos("train", input_size, config.get("embedded_samples", args.max_images))
             described = "the embedded photos the run trained on"
-        images, mask = fixed_visual_batch(source, input_size, mask_ratio, seed, device, args.max_images)
+        images = fixed_visual_batch(source, input_size, device, args.max_images)
     except (ValueError, FileNotFoundError, UnreadableDatasetError) as error:
         parser.error(str(error))
-    picture = visualize_reconstructions(model.to(device), images, mask, args.max_images)
+    picture = visualize_reconstructions(model.to(device), images, seed, args.max_images)
     save_png(picture, args.output)
     _logger.info("wrote %s: %d images from %s, %d px, mask ratio %.2f, seed %d", args.output, len(images),
-                 described, input_size, mask_ratio, seed)
+                 described, input_size, model.mask_ratio, seed)
     return Path(args.output)
 
 

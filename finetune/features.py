@@ -4,12 +4,14 @@ Python API::
 
     extractor = FeatureExtractor("convnextv2_atto", "output/pretrain/encoder.safetensors", input_size=224)
     pooled = extractor.pooled(images)            # (N, dims[-1]): the head's pre-logits
-    stages = extractor.stages(images)            # [(N, dims[i], H / 2**(i+2), W / 2**(i+2)) for i in 0..3]
+    stages = extractor.stages(images)            # [(N, dims[i], H / (s * 2**i), W / (s * 2**i)) for i in 0..3]
 
 ``images`` is a list of PIL images and/or image paths (str or Path), each put through the
 evaluation transform (resize to ``input_size / crop_pct``, center crop, ImageNet normalisation;
-see ``engine.eval_transform``), or tensors already normalised that way: an (N, 3, H, W) batch or
-a list of (3, H, W) images of one size. A single PIL image or path is a batch of one.
+see ``engine.eval_transform``), or tensors already normalised that way: an (N, C, H, W) batch or
+a list of (C, H, W) images of one size. A single PIL image or path is a batch of one. The
+stem stride ``s`` (4, or 2) and the channel count ``C`` are the checkpoint's unless given;
+PIL images and paths are read as RGB, so a model of another channel count takes tensors.
 
 ``pooled`` is ``forward_head(forward_features(x), pre_logits=True)``: global average pool then
 the head LayerNorm (weight 1, bias 0 for a pretrained encoder, which never trains it: each
@@ -25,7 +27,7 @@ CLI: features of every image of a folder of class folders (``<data_path>/<class>
 The file (``.safetensors`` or ``.npz``) holds, row ``i`` for image ``i``:
 
 * ``pooled``: (N, C) float32; ``labels``: (N,) int64, the index of the image's class folder;
-  with ``--stages`` also ``stage0``..``stage3``, (N, dims[i], S / 2**(i+2), S / 2**(i+2)).
+  with ``--stages`` also ``stage0``..``stage3``, (N, dims[i], S / (s * 2**i), S / (s * 2**i)).
 * ``class_names``: the class folder names, sorted, so ``class_names[labels[i]]`` is image i's class;
   ``paths``: the image files, in row order (unreadable files are left out, rows and paths alike).
 * ``model_name``, ``checkpoint``, ``input_size``, ``crop_pct``: how the features were made.
@@ -50,6 +52,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import models
+from models.convnextv2 import DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE
 from engine.checkpoint import atomic_write, save_safetensors
 from engine.data import ImageFolderSkippingUnreadable, load_rgb_image
 from engine.distributed import choose_device
@@ -68,26 +71,30 @@ class FeatureExtractor:
     """A frozen dense ConvNeXt V2 in eval mode, from any checkpoint ``models.load_pretrained``
     reads (ours, our encoder export, official FCMAE / fine-tuned / MinkowskiEngine files), or
     randomly initialised when ``checkpoint`` is None. ``input_size`` and ``crop_pct`` define the
-    evaluation transform applied to PIL images and paths (module docstring)."""
+    evaluation transform applied to PIL images and paths (module docstring). ``stem_stride`` and
+    ``in_chans``: None takes the checkpoint's (4 and 3 without one); another value adapts its stem."""
 
     def __init__(self, model_name: str, checkpoint: str | os.PathLike | None = None,
                  device: torch.device | str = "cpu", amp: str = "none", input_size: int = 224,
-                 crop_pct: float | None = None):
+                 crop_pct: float | None = None, stem_stride: int | None = None, in_chans: int | None = None):
         if checkpoint is None:
-            model = models.create_dense_model(model_name)
+            model = models.create_dense_model(model_name, stem_stride or DEFAULT_STEM_STRIDE,
+                                              in_chans or DEFAULT_IN_CHANS)
         else:
-            model = models.load_pretrained(model_name, checkpoint)
+            model = models.load_pretrained(model_name, checkpoint, stem_stride=stem_stride, in_chans=in_chans)
         self.model = model.eval().requires_grad_(False).to(device)
+        self.in_chans = models.stem_geometry(model.stem[0].weight)[1]
         self.device, self.amp = torch.device(device), amp
         self.transform = build_eval_transform(input_size, crop_pct)
 
     def to_batch(self, images) -> torch.Tensor:
-        """(N, 3, H, W) float tensor on the model's device from any accepted ``images`` (module
+        """(N, C, H, W) float tensor on the model's device from any accepted ``images`` (module
         docstring). TypeError for another kind of input, ValueError for tensors of the wrong shape."""
         if isinstance(images, torch.Tensor):
-            if images.ndim != 4:
-                raise ValueError(f"an image tensor batch must be (N, 3, H, W), got shape {tuple(images.shape)}; "
-                                 "for one (3, H, W) image pass [image] or image[None]")
+            if images.ndim != 4 or images.shape[1] != self.in_chans:
+                raise ValueError(f"an image tensor batch must be (N, {self.in_chans}, H, W), got shape "
+                                 f"{tuple(images.shape)}; for one ({self.in_chans}, H, W) image pass [image] or "
+                                 "image[None]")
             return images.to(self.device)
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
@@ -102,16 +109,21 @@ class FeatureExtractor:
         return torch.stack(tensors).to(self.device)
 
     def _to_tensor(self, image, index: int) -> torch.Tensor:
+        if isinstance(image, (str, os.PathLike, Image.Image)) and self.in_chans != 3:
+            raise TypeError(f"images[{index}] is {_describe(image)}, read as RGB, but the model takes {self.in_chans} "
+                            f"channels; pass ({self.in_chans}, H, W) tensors normalised as in training")
         if isinstance(image, (str, os.PathLike)):
             image = load_rgb_image(image)
         if isinstance(image, Image.Image):
             return self.transform(image.convert("RGB"))
         if isinstance(image, torch.Tensor):
-            if image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(f"images[{index}] must be a (3, H, W) tensor, got shape {tuple(image.shape)}")
+            if image.ndim != 3 or image.shape[0] != self.in_chans:
+                raise ValueError(f"images[{index}] must be a ({self.in_chans}, H, W) tensor, got shape "
+                                 f"{tuple(image.shape)}")
             return image
         raise TypeError(f"images[{index}] is {_describe(image)}; expected a PIL image, a path (str or Path) or a "
-                        "(3, H, W) tensor (a numpy array: PIL.Image.fromarray(array) or torch.from_numpy)")
+                        f"({self.in_chans}, H, W) tensor (a numpy array: PIL.Image.fromarray(array) or "
+                        "torch.from_numpy)")
 
     @torch.no_grad()
     def pooled(self, images) -> torch.Tensor:

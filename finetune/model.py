@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 import models
+from models.convnextv2 import DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE
 
 _logger = logging.getLogger(__name__)
 
@@ -32,17 +33,24 @@ def build_finetune_model(
     checkpoint: str | os.PathLike | None = None,
     drop_path: float = 0.0,
     grad_checkpointing: bool = False,
+    stem_stride: int | None = None,
+    in_chans: int | None = None,
 ) -> nn.Module:
     """Dense ``model_name`` with a freshly initialised ``num_classes``-way head, its other weights
     from ``checkpoint`` (None: random initialisation). A checkpoint of another model size raises
     ``load_pretrained``'s ValueError, which names the size the checkpoint looks like.
-    ``grad_checkpointing``: timm's activation checkpointing of the stages (less memory, more compute)."""
+    ``grad_checkpointing``: timm's activation checkpointing of the stages (less memory, more compute).
+    ``stem_stride`` (4 or 2) and ``in_chans``: None takes the checkpoint's (4 and 3 without one);
+    another value adapts the checkpoint's stem (``models.fit_stem``)."""
     if checkpoint is None:
-        model = models.create_dense_model(model_name, num_classes=num_classes, drop_path_rate=drop_path)
+        model = models.create_dense_model(model_name, stem_stride or DEFAULT_STEM_STRIDE, in_chans or DEFAULT_IN_CHANS,
+                                          num_classes=num_classes, drop_path_rate=drop_path)
     else:
-        model = models.load_pretrained(model_name, checkpoint, num_classes=num_classes, drop_path_rate=drop_path)
+        model = models.load_pretrained(model_name, checkpoint, num_classes=num_classes, stem_stride=stem_stride,
+                                       in_chans=in_chans, drop_path_rate=drop_path)
     init_head(model.head.fc)
     model.set_grad_checkpointing(grad_checkpointing)
-    _logger.info("%s: weights from %s, new %d-class head, drop path %.2f",
-                 model_name, checkpoint or "random initialisation", num_classes, drop_path)
+    stem_stride, in_chans = models.stem_geometry(model.stem[0].weight)
+    _logger.info("%s: weights from %s, new %d-class head, drop path %.2f, stem stride %d, %d input channels",
+                 model_name, checkpoint or "random initialisation", num_classes, drop_path, stem_stride, in_chans)
     return model

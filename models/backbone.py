@@ -1,9 +1,9 @@
 """ConvNeXt V2 backbones for detection and segmentation: timm ``features_only`` models.
 
     backbone = models.create_backbone("convnextv2_base", "encoder.safetensors", drop_path_rate=0.4)
-    maps = backbone(images)                  # [(N, dims[i], H / 2**(i+2), W / 2**(i+2)) for i in out_indices]
+    maps = backbone(images)                  # [(N, dims[i], H / (s * 2**i), W / (s * 2**i)) for i in out_indices]
     backbone.feature_info.channels()         # [128, 256, 512, 1024]
-    backbone.feature_info.reduction()        # [4, 8, 16, 32]
+    backbone.feature_info.reduction()        # [4, 8, 16, 32]; [2, 4, 8, 16] with a stride-2 stem (s = 2)
 
 The maps are the stage outputs, the same numbers as ``FeatureExtractor.stages``; the model is
 the one ``timm.create_model(name, features_only=True)`` builds, so any framework that takes a
@@ -29,7 +29,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from .checkpoint import load_pretrained
-from .convnextv2 import MODEL_CONFIGS, check_model_name
+from .convnextv2 import (DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE, MODEL_CONFIGS, TIMM_STAGE0_DOWNSAMPLING_STEM,
+                         check_model_name, remove_stage0_downsampling, stem_geometry)
 from .layer_decay import param_groups_layer_decay
 
 NUM_STAGES = 4
@@ -43,6 +44,8 @@ def create_backbone(
     out_indices: Sequence[int] = (0, 1, 2, 3),
     drop_path_rate: float = 0.0,
     strict_encoder: bool = True,
+    stem_stride: int | None = None,
+    in_chans: int | None = None,
     **timm_kwargs,
 ) -> nn.Module:
     """timm ``features_only`` ConvNeXt V2 returning the outputs of stages ``out_indices``.
@@ -53,9 +56,12 @@ def create_backbone(
             ``encoder.safetensors``, official FCMAE, fine-tuned and MinkowskiEngine files);
             None: random initialisation. Its classifier and head norm are not used.
         out_indices: stages whose outputs are returned, increasing, each in 0..3 (stride
-            ``2**(i+2)``); stages after the last one are not built.
+            ``stem_stride * 2**i``); stages after the last one are not built.
         drop_path_rate: stochastic depth over all blocks, as in timm.
         strict_encoder: as in ``load_pretrained`` (mismatches raise ValueError, or only warn).
+        stem_stride, in_chans: stem stride (4 or 2) and input channels; None: the checkpoint's
+            (4 and 3 without one). A value other than the checkpoint's adapts its stem, as
+            ``load_pretrained`` does.
         **timm_kwargs: passed to ``timm.create_model``.
     Returns:
         timm's ``FeatureListNet``: ``forward(images) -> list of maps``, ``feature_info``.
@@ -65,10 +71,17 @@ def create_backbone(
     if not out_indices or list(out_indices) != sorted(set(out_indices)) or \
             not all(0 <= index < NUM_STAGES for index in out_indices):
         raise ValueError(f"out_indices must be increasing stage indices in 0..{NUM_STAGES - 1}, got {out_indices}")
-    timm_kwargs.update(drop_path_rate=drop_path_rate, pretrained=False)
-    backbone = timm.create_model(model_name, features_only=True, out_indices=out_indices, **timm_kwargs)
+    dense = None
     if checkpoint is not None:
-        dense = load_pretrained(model_name, checkpoint, num_classes=0, strict_encoder=strict_encoder)
+        dense = load_pretrained(model_name, checkpoint, num_classes=0, strict_encoder=strict_encoder,
+                                stem_stride=stem_stride, in_chans=in_chans)
+        stem_stride, in_chans = stem_geometry(dense.stem[0].weight)
+    timm_kwargs.update(drop_path_rate=drop_path_rate, pretrained=False, patch_size=stem_stride or DEFAULT_STEM_STRIDE,
+                       in_chans=in_chans or DEFAULT_IN_CHANS)
+    backbone = timm.create_model(model_name, features_only=True, out_indices=out_indices, **timm_kwargs)
+    if timm_kwargs["patch_size"] == TIMM_STAGE0_DOWNSAMPLING_STEM:
+        remove_stage0_downsampling(backbone.stages_0, backbone.feature_info.info)
+    if dense is not None:
         wanted = backbone.state_dict()
         state = {key: value for key, value in _features_names(dense.state_dict().items()) if key in wanted}
         backbone.load_state_dict(state, strict=strict_encoder)
@@ -115,11 +128,11 @@ def backbone_param_groups(
 class FeaturePyramidBackbone(nn.Module):
     """``backbone`` (``create_backbone``) followed by torchvision's ``FeaturePyramidNetwork``.
 
-    forward(images (N, 3, H, W)) -> OrderedDict of (N, out_channels, h, w) maps: ``"0"``, ``"1"``, ...
-    one per out index (strides 4, 8, 16, 32 for all four stages), then ``"pool"`` (stride 64, from
-    ``LastLevelMaxPool``). Has ``out_channels``, so it is what torchvision's ``MaskRCNN``,
-    ``FasterRCNN`` and ``RetinaNet`` take as ``backbone``; their default anchor generator and
-    ``MultiScaleRoIAlign(["0", "1", "2", "3"])`` expect these five maps.
+    forward(images (N, C, H, W)) -> OrderedDict of (N, out_channels, h, w) maps: ``"0"``, ``"1"``, ...
+    one per out index (strides 4, 8, 16, 32 for all four stages; half that with a stride-2 stem),
+    then ``"pool"`` (twice the last stride, from ``LastLevelMaxPool``). Has ``out_channels``, so it
+    is what torchvision's ``MaskRCNN``, ``FasterRCNN`` and ``RetinaNet`` take as ``backbone``; their
+    default anchor generator and ``MultiScaleRoIAlign(["0", "1", "2", "3"])`` expect these five maps.
     """
 
     def __init__(self, backbone: nn.Module, out_channels: int = 256, extra_blocks: ExtraFPNBlock | None = None):

@@ -24,9 +24,18 @@ Files are read with safetensors or ``torch.load(weights_only=True)``, chosen by 
 first bytes (not its name): nothing in a checkpoint can run code, and a file that is none of
 these (text, an image, an empty or truncated file, a folder) gets an error saying what it is.
 
+Stem geometry: a checkpoint's stem conv weight (C, in_chans, k, k) says its stem stride (k)
+and input channels, so loading needs no flag for them. Asked for another geometry,
+``fit_stem`` adapts the stem instead of refusing it: the channels with timm's
+``adapt_input_conv`` (1 channel: the sum over the source channels; N: the source channels
+repeated, scaled by source / N), the kernel with ``resample_stem_kernel`` (exact for
+nearest-neighbour upscaled or block-averaged images, see there).
+
 ``encoder_export_state(encoder)`` is what pretraining writes to ``encoder.safetensors``: the
 encoder's tensors plus ``head.norm`` at timm's initialisation, i.e. exactly the state dict of
-``timm.create_model("convnextv2_<size>", num_classes=0)``, so a strict ``load_state_dict`` works.
+``create_dense_model("convnextv2_<size>", stem_stride, in_chans, num_classes=0)`` (with the
+paper's stem, ``timm.create_model("convnextv2_<size>", num_classes=0, in_chans=in_chans)``), so a
+strict ``load_state_dict`` works.
 """
 from __future__ import annotations
 
@@ -42,8 +51,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from timm.models import adapt_input_conv
 
-from .convnextv2 import MODEL_CONFIGS, check_model_name, create_dense_model
+from .convnextv2 import (DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE, MODEL_CONFIGS, check_model_name, create_dense_model,
+                         stem_geometry)
 
 _logger = logging.getLogger(__name__)
 
@@ -51,6 +62,7 @@ CONTAINER_KEYS = ("model", "state_dict")  # training checkpoints nest the weight
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 ENCODER_PREFIX = "encoder."  # a whole FCMAE model: the encoder is what we keep
 MINKOWSKI_SUFFIXES = (".kernel", ".ln.weight", ".linear.weight")
+STEM_WEIGHT = "stem.0.weight"
 MAX_LISTED_KEYS = 10  # per category in error messages
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 PICKLE_PROTOCOL_OPCODE = b"\x80"  # first byte of a pickle of protocol >= 2 (legacy torch.save)
@@ -159,14 +171,15 @@ def encoder_export_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
 
     The encoder's own ``stem.*`` and ``stages.*`` tensors plus ``head.norm.weight`` = 1 and
     ``head.norm.bias`` = 0, timm's initialisation of the head LayerNorm, which FCMAE never
-    trains. ``timm.create_model(name, num_classes=0).load_state_dict(state)`` is then strict,
-    and the pooled features (``forward_head(pre_logits=True)``: global average pool, then the
+    trains. ``create_dense_model(name, encoder.stem_stride, encoder.in_chans, num_classes=0)
+    .load_state_dict(state)`` is then strict (for the paper's stem that model is
+    ``timm.create_model(name, num_classes=0, in_chans=...)``), and the pooled features (``forward_head(pre_logits=True)``: global average pool, then the
     head norm) are the average-pooled last stage standardised per image across channels: the
     same features as a model loaded from an official FCMAE file, whose final norm also starts
     at weight 1, bias 0.
     """
     state = dict(encoder.state_dict())
-    reference = state["stem.0.weight"]
+    reference = state[STEM_WEIGHT]
     width = encoder.dims[-1]
     state["head.norm.weight"] = torch.ones(width, dtype=reference.dtype, device=reference.device)
     state["head.norm.bias"] = torch.zeros(width, dtype=reference.dtype, device=reference.device)
@@ -181,12 +194,12 @@ def convert_to_timm(checkpoint: Mapping, model_name: str) -> dict[str, torch.Ten
     back with its own shapes, and ``load_pretrained`` reports the mismatch.
     """
     check_model_name(model_name)
-    state = _strip_wrappers(_unwrap(checkpoint))
+    state = encoder_part(unwrap_state(checkpoint))
     layout = detect_layout(state)
     if layout == "official_minkowski":
         state = _minkowski_to_official_dense(state)
     if layout in ("official_minkowski", "official_dense"):
-        state = _official_dense_to_timm(state)
+        state = official_dense_to_timm(state)
     _logger.info("checkpoint layout: %s (%d tensors)", layout, len(state))
     return _fit_mlp_weights(state, _timm_shapes(model_name))
 
@@ -196,6 +209,8 @@ def load_pretrained(
     path: str | Path,
     num_classes: int | None = None,
     strict_encoder: bool = True,
+    stem_stride: int | None = None,
+    in_chans: int | None = None,
     **timm_kwargs,
 ) -> nn.Module:
     """Dense timm ConvNeXt V2 ``model_name`` initialised from the checkpoint at ``path``.
@@ -213,29 +228,102 @@ def load_pretrained(
             shape, and no unknown tensor may be left over; otherwise ValueError listing the
             mismatches and the model size the checkpoint looks like. False turns that into a
             warning and loads the tensors that fit.
+        stem_stride, in_chans: the model's stem stride (timm's ``patch_size``) and input
+            channels; None: the checkpoint's (read from its stem weight). Another value adapts
+            the stem (``fit_stem``), logged.
         **timm_kwargs: passed to ``timm.create_model`` (drop_path_rate, ...).
     """
-    state = convert_to_timm(read_checkpoint(path), model_name)
+    state, adapted = fit_stem(convert_to_timm(read_checkpoint(path), model_name), stem_stride, in_chans)
     if num_classes is None and "head.fc.weight" in state:
         num_classes = state["head.fc.weight"].shape[0]
     if num_classes is not None:
         timm_kwargs["num_classes"] = num_classes
-    model = create_dense_model(model_name, **timm_kwargs)
+    stem_stride, in_chans = _stem_or_default(state)
+    model = create_dense_model(model_name, stem_stride, in_chans, **timm_kwargs)
     expected = model.state_dict()
 
-    problems = _encoder_problems(state, expected)
-    if any(problems.values()):
-        message = _describe_problems(path, model_name, state, **problems)
+    problems = encoder_mismatch(path, model_name, state, expected)
+    if problems:
         if strict_encoder:
-            raise ValueError(message)
-        warnings.warn(message, stacklevel=2)
+            raise ValueError(problems)
+        warnings.warn(problems, stacklevel=2)
 
     loadable = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
     model.load_state_dict(loadable, strict=False)
     head = "loaded" if "head.fc.weight" in loadable else "newly initialised"
-    _logger.info("loaded %d/%d tensors of %s from %s; classifier %s",
-                 len(loadable), len(expected), model_name, path, head)
+    _logger.info("loaded %d/%d tensors of %s from %s; classifier %s%s", len(loadable), len(expected), model_name, path,
+                 head, "".join(f"; adapted {change}" for change in adapted))
     return model
+
+
+def encoder_mismatch(path, model_name: str, state: Mapping[str, torch.Tensor],
+                     expected: Mapping[str, torch.Tensor]) -> str | None:
+    """None if ``state`` (timm names) has every encoder tensor of ``expected`` (a model's state
+    dict) with its shape and nothing unknown; else a message listing the mismatched, missing and
+    unexpected keys and naming the model size the checkpoint at ``path`` looks like. The
+    classifier (``head.fc``) may differ and ``head.norm`` may be missing."""
+    problems = _encoder_problems(state, expected)
+    return _describe_problems(path, model_name, state, **problems) if any(problems.values()) else None
+
+
+def fit_stem(state: Mapping[str, torch.Tensor], stem_stride: int | None = None,
+             in_chans: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` (timm names) with its stem conv weight fitted to ``stem_stride`` and ``in_chans``
+    (None: keep the checkpoint's), and one line per change for the log (empty: nothing changed).
+
+    Channels: timm's ``adapt_input_conv`` (one channel: the sum over the source channels; N: the
+    source channels repeated and scaled by source / N). Kernel: ``resample_stem_kernel``.
+    """
+    state = dict(state)
+    if STEM_WEIGHT not in state:
+        return state, []  # load_pretrained reports it missing
+    weight = state[STEM_WEIGHT]
+    source_stride, source_chans = stem_geometry(weight)
+    changes = []
+    if in_chans is not None and in_chans != source_chans:
+        weight = adapt_input_conv(in_chans, weight, base_chans=source_chans)
+        rule = "summed" if in_chans == 1 else f"repeated, scaled by {source_chans}/{in_chans}"
+        changes.append(f"{STEM_WEIGHT}: {source_chans} -> {in_chans} input channels ({rule}, timm's adapt_input_conv)")
+    if stem_stride is not None and stem_stride != source_stride:
+        weight = resample_stem_kernel(weight, stem_stride)
+        rule = "each tap the sum of the taps it covers" if stem_stride < source_stride else \
+            "each tap spread evenly over the taps it covers"
+        changes.append(f"{STEM_WEIGHT}: {source_stride}x{source_stride} stride-{source_stride} kernel -> "
+                       f"{stem_stride}x{stem_stride} stride-{stem_stride} ({rule})")
+    state[STEM_WEIGHT] = weight
+    return state, changes
+
+
+def resample_stem_kernel(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """A k x k stride-k stem conv weight (C, in, k, k) -> (C, in, t, t) for a t x t stride-t stem,
+    where one of k, t divides the other (4 -> 2, 2 -> 4, ...). Both preserve a constant image's
+    response (the sum of the taps), and each is exact for the image scale it implies:
+
+    * shrinking (k = f t): each new tap is the sum of the f x f old taps it covers, so the new
+      stem on an image gives exactly what the old stem gives on that image upscaled f times
+      (nearest neighbour): the stride-2 stem sees a small image as the stride-4 stem saw it
+      at twice the size;
+    * growing (t = f k): each old tap is spread evenly over f x f new taps, so the new stem on
+      an image gives exactly what the old stem gives on it averaged over f x f blocks.
+    """
+    source = weight.shape[-1]
+    if kernel_size == source:
+        return weight
+    if source % kernel_size == 0:
+        factor = source // kernel_size
+        return weight.unflatten(3, (kernel_size, factor)).unflatten(2, (kernel_size, factor)).sum(dim=(3, 5))
+    if kernel_size % source == 0:
+        factor = kernel_size // source
+        return weight.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3) / factor**2
+    raise ValueError(f"cannot resample a {source}x{source} stem kernel to {kernel_size}x{kernel_size}: one size must "
+                     "divide the other (e.g. 4 and 2)")
+
+
+def _stem_or_default(state: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(stem stride, input channels) of ``state``'s stem weight, or the defaults without one."""
+    if STEM_WEIGHT in state:
+        return stem_geometry(state[STEM_WEIGHT])
+    return DEFAULT_STEM_STRIDE, DEFAULT_IN_CHANS
 
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
@@ -277,7 +365,7 @@ def infer_model_name(state: Mapping[str, torch.Tensor]) -> str:
     """The ``convnextv2_<size>`` whose depths and dims a timm-named state dict has, or a
     description of them when no size matches."""
     try:
-        dims = [state["stem.0.weight"].shape[0]]
+        dims = [state[STEM_WEIGHT].shape[0]]
         dims += [state[f"stages.{i}.downsample.1.weight"].shape[0] for i in range(1, 4)]
     except KeyError:
         return "no known size (stem or downsample weights missing)"
@@ -289,8 +377,10 @@ def infer_model_name(state: Mapping[str, torch.Tensor]) -> str:
     return f"no known size (depths {tuple(depths)}, dims {tuple(dims)})"
 
 
-def _unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
-    """The tensors of the innermost ``model``/``state_dict`` mapping."""
+def unwrap_state(checkpoint: Mapping) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's innermost ``model``/``state_dict`` mapping, without the
+    ``module.`` / ``_orig_mod.`` prefixes of DistributedDataParallel and torch.compile (an FCMAE
+    model keeps its ``encoder.`` prefix and its decoder). ValueError if it holds no tensors."""
     state = checkpoint
     while isinstance(state, Mapping):
         inner = next((state[k] for k in CONTAINER_KEYS if isinstance(state.get(k), Mapping)), None)
@@ -302,19 +392,21 @@ def _unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise ValueError(f"checkpoint holds no tensors; its entries are {_listing(list(state))}")
-    return tensors
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     stripped = True
     while stripped:
         stripped = False
         for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
                 stripped = True
+    return tensors
+
+
+def encoder_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder of an ``unwrap_state`` of a whole FCMAE model (``encoder.*``, prefix removed);
+    other states unchanged."""
     if any(k.startswith(ENCODER_PREFIX) for k in state):
-        state = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+        return {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     return state
 
 
@@ -331,7 +423,9 @@ def _minkowski_to_official_dense(state: dict[str, torch.Tensor]) -> dict[str, to
     return dense
 
 
-def _official_dense_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def official_dense_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official dense ConvNeXt V2 names and GRN shapes -> timm's (also right for the blocks of the
+    official FCMAE decoder: ``decoder.<j>.dwconv`` -> ``decoder.<j>.conv_dw``, ...)."""
     converted = {}
     for key, value in state.items():
         for pattern, replacement in _OFFICIAL_TO_TIMM:

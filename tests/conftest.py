@@ -39,12 +39,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-def output_and_gradients(encoder, backend: str, images: torch.Tensor, mask: torch.Tensor):
+def output_and_gradients(encoder, backend: str, images: torch.Tensor, visible_cells: torch.Tensor):
     """Run ``encoder`` with ``backend``: its output and the parameter gradients of a fixed
     random projection of that output."""
     encoder.backend = backend
     encoder.zero_grad()
-    out = encoder(images, mask)
+    out = encoder(images, visible_cells)
     projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     (out * projection).sum().backward()
     return out.detach(), {name: param.grad.clone() for name, param in encoder.named_parameters()}

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcmae import random_masking
-from models import SparseConvNeXtV2, create_dense_model
+from fcmae import random_visible_cells
+from models import SparseConvNeXtV2, create_dense_model, mask_from_visible_cells, visible_cells_from_mask
 from tests.conftest import output_and_gradients, randomize_grn, relative_error
 
 PURE_TORCH_BACKENDS = ["sparse", "masked"]
@@ -23,9 +23,9 @@ def test_zero_mask_ratio_equals_dense_feature_extractor(backend, model_name):
     dense = create_dense_model(model_name, num_classes=0).eval()
     dense.load_state_dict(encoder.state_dict(), strict=False)
     images = torch.randn(2, 3, 64, 96)
-    mask = torch.zeros(2, 6)
+    every_cell = torch.arange(6).expand(2, 6)
     with torch.no_grad():
-        err = relative_error(encoder(images, mask), dense.forward_features(images))
+        err = relative_error(encoder(images, every_cell), dense.forward_features(images))
     assert err < 1e-5, f"{backend} with nothing hidden differs from timm's forward_features by {err:.2e}"
 
 
@@ -38,9 +38,9 @@ def test_sparse_and_masked_backends_agree_on_outputs_and_gradients(model_name, s
     encoder = build_encoder(model_name)
     images = torch.randn(2, 3, *size)
     cells = (size[0] // 32) * (size[1] // 32)
-    mask = random_masking(2, cells, 0.6, generator=torch.Generator().manual_seed(3))
-    masked_out, masked_grads = output_and_gradients(encoder, "masked", images, mask)
-    sparse_out, sparse_grads = output_and_gradients(encoder, "sparse", images, mask)
+    visible = random_visible_cells(2, cells, 0.6, generator=torch.Generator().manual_seed(3))
+    masked_out, masked_grads = output_and_gradients(encoder, "masked", images, visible)
+    sparse_out, sparse_grads = output_and_gradients(encoder, "sparse", images, visible)
     assert relative_error(sparse_out, masked_out) < 1e-5
     for name, grad in masked_grads.items():
         err = relative_error(sparse_grads[name], grad)
@@ -51,10 +51,10 @@ def test_sparse_and_masked_backends_agree_on_outputs_and_gradients(model_name, s
 def test_hidden_cells_are_exactly_zero(backend):
     encoder = build_encoder(backend=backend)
     images = torch.randn(2, 3, 96, 96)
-    mask = random_masking(2, 9, 0.6, generator=torch.Generator().manual_seed(1))
+    visible = random_visible_cells(2, 9, 0.6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = encoder(images, mask)
-    hidden = mask.reshape(2, 1, 3, 3).bool().expand_as(out)
+        out = encoder(images, visible)
+    hidden = mask_from_visible_cells(visible, 9).reshape(2, 1, 3, 3).bool().expand_as(out)
     assert torch.count_nonzero(out[hidden]) == 0
     assert torch.count_nonzero(out[~hidden]) == out[~hidden].numel()
 
@@ -63,11 +63,12 @@ def test_hidden_cells_are_exactly_zero(backend):
 def test_masked_pixels_never_change_visible_outputs(backend):
     encoder = build_encoder(backend=backend)
     images = torch.randn(2, 3, 96, 128)
-    mask = random_masking(2, 12, 0.6, generator=torch.Generator().manual_seed(2))
+    visible = random_visible_cells(2, 12, 0.6, generator=torch.Generator().manual_seed(2))
+    mask = mask_from_visible_cells(visible, 12)
     pixel_mask = mask.reshape(2, 1, 3, 1, 4, 1).expand(2, 1, 3, 32, 4, 32).reshape(2, 1, 96, 128)
     perturbed = images + 100.0 * torch.randn_like(images) * pixel_mask
     with torch.no_grad():
-        before, after = encoder(images, mask), encoder(perturbed, mask)
+        before, after = encoder(images, visible), encoder(perturbed, visible)
     assert torch.equal(before, after), f"{backend}: a hidden pixel changed a visible output"
 
 
@@ -75,20 +76,20 @@ def test_visible_pixels_do_change_outputs():
     """Guards the test above from passing on an encoder that ignores its input."""
     encoder = build_encoder()
     images = torch.randn(1, 3, 64, 64)
-    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    visible = torch.tensor([[1]])
     perturbed = images.clone()
     perturbed[:, :, :32, 32:] += 1.0  # the visible cell
     with torch.no_grad():
-        assert not torch.equal(encoder(images, mask), encoder(perturbed, mask))
+        assert not torch.equal(encoder(images, visible), encoder(perturbed, visible))
 
 
 def encoder_flops(backend, mask_ratio, size=128, batch=2):
     encoder = build_encoder(backend=backend)
     cells = (size // 32) ** 2
-    mask = random_masking(batch, cells, mask_ratio, generator=torch.Generator().manual_seed(0))
+    visible = random_visible_cells(batch, cells, mask_ratio, generator=torch.Generator().manual_seed(0))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        encoder(torch.randn(batch, 3, size, size), mask)
+        encoder(torch.randn(batch, 3, size, size), visible)
     return counter.get_total_flops()
 
 
@@ -111,31 +112,31 @@ def test_unknown_backend_is_rejected_with_choices():
 def test_input_not_multiple_of_32_is_rejected():
     encoder = build_encoder()
     with pytest.raises(ValueError, match="multiple of 32"):
-        encoder(torch.randn(1, 3, 70, 64), torch.zeros(1, 4))
+        encoder(torch.randn(1, 3, 70, 64), torch.zeros(1, 4, dtype=torch.int64))
 
 
 def test_mask_with_unequal_hidden_counts_is_rejected():
-    encoder = build_encoder()
     mask = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     with pytest.raises(ValueError, match="same number"):
-        encoder(torch.randn(2, 3, 64, 64), mask)
+        visible_cells_from_mask(mask)
 
 
 @pytest.mark.parametrize("backend", PURE_TORCH_BACKENDS)
-def test_encoder_given_keep_count_reads_nothing_from_the_device(backend):
+def test_encoder_reads_nothing_from_the_device(backend):
     from tests.host_syncs import HostSyncCounter
 
     encoder = build_encoder(backend=backend)
     images = torch.randn(2, 3, 64, 96)
-    mask = random_masking(2, 6, 0.5, generator=torch.Generator().manual_seed(0))
+    visible = random_visible_cells(2, 6, 0.5, generator=torch.Generator().manual_seed(0))
     with HostSyncCounter() as counter:
-        given = encoder(images, mask, keep_count=3)
+        given = encoder(images, visible)
         given.square().sum().backward()
     assert counter.count == 0, counter.report()
+    mask = mask_from_visible_cells(visible, 6)
     with torch.no_grad():
-        assert torch.equal(given.detach(), encoder(images, mask)), "keep_count changed the result"
+        assert torch.equal(given.detach(), encoder(images, visible_cells_from_mask(mask))), "the round trip differs"
 
 
-def test_keep_count_outside_the_grid_is_rejected():
-    with pytest.raises(ValueError, match=r"keep_count must be in \[1, 4\]"):
-        build_encoder()(torch.randn(1, 3, 64, 64), torch.zeros(1, 4), keep_count=5)
+def test_more_visible_cells_than_the_grid_has_are_rejected():
+    with pytest.raises(ValueError, match="between 1 and the 4 cells"):
+        build_encoder()(torch.randn(1, 3, 64, 64), torch.arange(5)[None])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint
-from fcmae import build_fcmae, random_masking
+from fcmae import build_fcmae
 from finetune_helpers import make_colour_folder
 from reliability.faults import finetune_args, finish, start_script
 from finetune.model import build_finetune_model
@@ -35,8 +35,24 @@ def test_fcmae_with_sparse_backend_compiles_to_one_graph_matching_eager():
     model = build_fcmae("convnextv2_atto", backend="sparse", decoder_dim=64)
     randomize_grn(model)
     images = torch.randn(2, 3, 64, 96)
-    mask = random_masking(2, 6, model.mask_ratio, generator=torch.Generator().manual_seed(0))
-    assert_compiled_matches_eager(model, lambda m: m(images, mask, check_mask=False)[0])
+    visible = model.random_visible_cells(images, torch.Generator().manual_seed(0))
+    assert_compiled_matches_eager(model, lambda m: m(images, visible)[0])
+
+
+def test_fcmae_compiles_to_one_graph_with_a_given_mask_of_another_ratio():
+    """A mask made elsewhere (here keeping 3 of 6 cells where the model's ratio keeps 2) is checked
+    once, outside the compiled forward; its kept count is a shape, so dynamo traces it (aot_eager:
+    the graph is dynamo's business, the kernels are covered above)."""
+    from fcmae import mask_from_visible_cells, visible_cells_from_mask
+
+    model = build_fcmae("convnextv2_atto", backend="sparse", decoder_dim=64)
+    randomize_grn(model)
+    images = torch.randn(2, 3, 64, 96)
+    mask = torch.tensor([[1.0, 0, 1, 0, 0, 1], [0, 1, 1, 1, 0, 0]])
+    visible = visible_cells_from_mask(mask)
+    assert_compiled_matches_eager(model, lambda m: m(images, visible)[0], backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(images, visible)[2], mask_from_visible_cells(visible, 6))
 
 
 def test_finetune_model_compiles_to_one_graph_matching_eager():

@@ -11,8 +11,8 @@ import torch
 
 from engine.loop import Step
 from engine.optim import build_adamw
-from fcmae import build_fcmae, keep_count, random_masking
 from engine.stepper import GradientStepper, build_model_ema
+from fcmae import build_fcmae, keep_count, mask_from_visible_cells, random_visible_cells
 from finetune.mixup import build_mixup, build_train_criterion
 from finetune.model import build_finetune_model
 from finetune_helpers import load_finetune_script
@@ -48,12 +48,12 @@ def no_host_sync():
 
 
 def test_masks_are_drawn_on_the_generators_device():
-    cuda_masks = random_masking(4, 49, 0.6, generator=torch.Generator(DEVICE).manual_seed(0), device=DEVICE)
-    assert cuda_masks.is_cuda
-    assert torch.all(cuda_masks.sum(dim=1) == 49 - keep_count(49, 0.6))
+    cuda_cells = random_visible_cells(4, 49, 0.6, generator=torch.Generator(DEVICE).manual_seed(0), device=DEVICE)
+    assert cuda_cells.is_cuda
+    assert torch.all(mask_from_visible_cells(cuda_cells, 49).sum(dim=1) == 49 - keep_count(49, 0.6))
     with no_host_sync():  # CPU noise, pinned, copied without blocking
-        copied = random_masking(4, 49, 0.6, generator=torch.Generator().manual_seed(0), device=DEVICE)
-    assert torch.equal(copied.cpu(), random_masking(4, 49, 0.6, generator=torch.Generator().manual_seed(0)))
+        copied = random_visible_cells(4, 49, 0.6, generator=torch.Generator().manual_seed(0), device=DEVICE)
+    assert torch.equal(copied.cpu(), random_visible_cells(4, 49, 0.6, generator=torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
@@ -61,14 +61,14 @@ def test_sparse_and_masked_backends_agree_on_cuda(dtype, tolerance):
     encoder = SparseConvNeXtV2("convnextv2_atto").to(DEVICE)
     randomize_grn(encoder)
     images = torch.randn(4, 3, 96, 128, device=DEVICE)
-    mask = random_masking(4, 12, 0.6, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE)
+    visible = random_visible_cells(4, 12, 0.6, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE)
     projection = torch.randn(4, 320, 3, 4, device=DEVICE)
     results = {}
     for backend in ["masked", "sparse"]:
         encoder.backend = backend
         encoder.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = encoder(images, mask, keep_count=keep_count(12, 0.6))
+            out = encoder(images, visible)
         (out.float() * projection).sum().backward()
         results[backend] = out.float(), {name: param.grad.clone() for name, param in encoder.named_parameters()}
     assert relative_error(results["sparse"][0], results["masked"][0]) < tolerance
@@ -83,7 +83,7 @@ def pretrain_pieces():
     args = pretrain.build_parser().parse_args(["--model", "convnextv2_atto", "--input_size", "64"])
     model = build_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_dim=64).to(DEVICE)
     stepper = GradientStepper(model, build_adamw(model, 1e-4, 0.05, (0.9, 0.95)), "bf16", update_freq=2, clip_grad=1.0)
-    return model, stepper, pretrain.make_loss_fn(args, 0, DEVICE)
+    return model, stepper, pretrain.make_loss_fn(DEVICE)
 
 
 def run_micro_batches(model, stepper, loss_fn, batches, first_iteration=0):
@@ -121,13 +121,13 @@ def test_compiled_fcmae_step_matches_eager():
     model = build_fcmae("convnextv2_atto", decoder_dim=64).to(DEVICE)
     randomize_grn(model)
     images = torch.randn(8, 3, 64, 64, device=DEVICE)
-    mask = random_masking(8, 4, model.mask_ratio, generator=torch.Generator(DEVICE).manual_seed(0), device=DEVICE)
+    visible = model.random_visible_cells(images, torch.Generator(DEVICE).manual_seed(0))
     compiled = torch.compile(model, fullgraph=True)
     results = []
     for run in (model, compiled):
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = run(images, mask, check_mask=False)[0]
+            loss = run(images, visible)[0]
         loss.backward()
         results.append((loss.detach(), model.encoder.stem[0].weight.grad.clone()))
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
@@ -135,7 +135,7 @@ def test_compiled_fcmae_step_matches_eager():
     assert relative_error(compiled_grad, eager_grad) < 5e-2
     with no_host_sync():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            compiled(images, mask, check_mask=False)[0].backward()
+            compiled(images, visible)[0].backward()
 
 
 def test_finetuning_micro_batches_never_wait_for_the_gpu():

@@ -246,7 +246,7 @@ class NonBlockingCopies(TorchFunctionMode):
 def test_evaluation_and_both_training_losses_never_copy_unpinned_batches_non_blocking():
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2))
-    pretrain_loss = pretrain.make_loss_fn(argparse.Namespace(seed=0, mask_ratio=0.6), 0, torch.device("cpu"))
+    pretrain_loss = pretrain.make_loss_fn(torch.device("cpu"))
     finetune_loss = load_finetune_script().make_loss_fn(None, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
     step = argparse.Namespace(epoch=0, iteration=0, update=0)
     with NonBlockingCopies() as copies:

@@ -36,20 +36,20 @@ def test_fcmae_loss_falls_when_overfitting_one_batch():
     torch.manual_seed(0)
     model = fcmae.build_fcmae("convnextv2_atto")
     images = torch.randn(2, 3, 64, 64)
-    mask = fcmae.random_masking(2, 4, 0.5, generator=torch.Generator().manual_seed(0))
+    visible = fcmae.random_visible_cells(2, 4, 0.5, generator=torch.Generator().manual_seed(0))
     optimizer = build_adamw(model, lr=1e-3, weight_decay=0.05)
     stepper = GradientStepper(model, optimizer)
     scheduler = build_lr_scheduler(optimizer, epochs=1, warmup_epochs=0, updates_per_epoch=30)
 
     def fcmae_loss(model, batch, step):
-        loss, _, _ = model(batch, mask)
+        loss, _, _ = model(batch, visible)
         return loss, {}
 
     with torch.no_grad():
-        first_loss = model(images, mask)[0].item()
+        first_loss = model(images, visible)[0].item()
     stats = train_one_epoch(model, [images] * 30, fcmae_loss, stepper, scheduler, epoch=0, epochs=1, print_freq=100)
     with torch.no_grad():
-        final_loss = model(images, mask)[0].item()
+        final_loss = model(images, visible)[0].item()
     assert stats["loss"] < first_loss
     assert final_loss < 0.5 * first_loss, f"loss went from {first_loss:.3f} to only {final_loss:.3f} in 30 steps"
 

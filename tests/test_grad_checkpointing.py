@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from benchmarks.memory_table import saved_activation_bytes
-from fcmae import build_fcmae, random_masking
+from fcmae import build_fcmae, random_visible_cells
 from finetune.model import build_finetune_model
 from models import SparseConvNeXtV2
 from models.backends.minkowski import import_minkowski
@@ -42,9 +42,9 @@ def test_encoder_checkpointing_keeps_gradients_and_saves_memory(backend):
     encoder = SparseConvNeXtV2("convnextv2_atto", backend=backend, drop_path_rate=0.2)
     randomize_grn(encoder)
     images = torch.randn(2, 3, 96, 64)
-    mask = random_masking(2, 6, 0.5, generator=torch.Generator().manual_seed(0))
+    visible = random_visible_cells(2, 6, 0.5, generator=torch.Generator().manual_seed(0))
     projection = torch.randn(2, 320, 3, 2)
-    assert_same_gradients_less_memory(encoder, lambda model: (model(images, mask, keep_count=3) * projection).sum(),
+    assert_same_gradients_less_memory(encoder, lambda model: (model(images, visible) * projection).sum(),
                                       max_memory_share=0.5)
 
 
@@ -52,9 +52,9 @@ def test_build_fcmae_grad_checkpointing_reaches_the_encoder():
     model = build_fcmae("convnextv2_atto", decoder_dim=64, grad_checkpointing=True)
     assert model.encoder.grad_checkpointing
     images = torch.randn(2, 3, 64, 64)
-    mask = random_masking(2, 4, model.mask_ratio, generator=torch.Generator().manual_seed(0))
+    visible = model.random_visible_cells(images, torch.Generator().manual_seed(0))
     # the decoder keeps its activations: the share is higher than the encoder's alone
-    assert_same_gradients_less_memory(model, lambda fcmae: fcmae(images, mask, check_mask=False)[0],
+    assert_same_gradients_less_memory(model, lambda fcmae: fcmae(images, visible)[0],
                                       max_memory_share=0.7)
 
 

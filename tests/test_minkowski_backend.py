@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from fcmae import random_masking
-from models import SparseConvNeXtV2
+from fcmae import random_visible_cells
+from models import SparseConvNeXtV2, mask_from_visible_cells
 from models.backends.minkowski import import_minkowski
 from tests.conftest import REPO_ROOT, output_and_gradients, randomize_grn, relative_error
 
@@ -37,9 +37,9 @@ def test_minkowski_and_masked_backends_agree_on_outputs_and_gradients(model_name
     randomize_grn(encoder)
     images = torch.randn(2, 3, *size)
     cells = (size[0] // 32) * (size[1] // 32)
-    mask = random_masking(2, cells, mask_ratio, generator=torch.Generator().manual_seed(3))
-    masked_out, masked_grads = output_and_gradients(encoder, "masked", images, mask)
-    minkowski_out, minkowski_grads = output_and_gradients(encoder, "minkowski", images, mask)
+    visible = random_visible_cells(2, cells, mask_ratio, generator=torch.Generator().manual_seed(3))
+    masked_out, masked_grads = output_and_gradients(encoder, "masked", images, visible)
+    minkowski_out, minkowski_grads = output_and_gradients(encoder, "minkowski", images, visible)
     err = relative_error(minkowski_out, masked_out)
     assert err < 1e-5, f"minkowski output differs from masked by {err:.2e}"
     for name, grad in masked_grads.items():
@@ -52,10 +52,10 @@ def test_minkowski_and_masked_backends_agree_on_outputs_and_gradients(model_name
 def test_minkowski_hidden_cells_are_exactly_zero():
     encoder = SparseConvNeXtV2("convnextv2_atto", backend="minkowski")
     randomize_grn(encoder)
-    mask = random_masking(2, 6, 0.6, generator=torch.Generator().manual_seed(1))
+    visible = random_visible_cells(2, 6, 0.6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = encoder(torch.randn(2, 3, 64, 96), mask)
-    hidden = mask.reshape(2, 1, 2, 3).bool().expand_as(out)
+        out = encoder(torch.randn(2, 3, 64, 96), visible)
+    hidden = mask_from_visible_cells(visible, 6).reshape(2, 1, 2, 3).bool().expand_as(out)
     assert torch.count_nonzero(out[hidden]) == 0
     assert torch.count_nonzero(out[~hidden]) == out[~hidden].numel()
 
@@ -64,18 +64,18 @@ def test_missing_minkowski_engine_error_names_install_script(monkeypatch):
     monkeypatch.setitem(sys.modules, "MinkowskiEngine", None)  # makes `import MinkowskiEngine` fail
     encoder = SparseConvNeXtV2("convnextv2_atto", backend="minkowski")
     with pytest.raises(ImportError, match=r"bash scripts/install_minkowski\.sh.*MinkowskiEngine backend"):
-        encoder(torch.randn(1, 3, 64, 64), torch.zeros(1, 4))
+        encoder(torch.randn(1, 3, 64, 64), torch.arange(4)[None])
 
 
 OPENMP_THREADS_AFTER_MINKOWSKI = """
 import ctypes, sys, torch
 import models
 from engine.distributed import init_distributed
-from fcmae import random_masking
+from fcmae import random_visible_cells
 init_distributed("cpu", cpu_threads=int(sys.argv[1]))
 encoder = models.SparseConvNeXtV2("convnextv2_atto", backend="minkowski")
 with torch.no_grad():
-    encoder(torch.randn(2, 3, 64, 64), random_masking(2, 4, 0.5, generator=torch.Generator().manual_seed(0)))
+    encoder(torch.randn(2, 3, 64, 64), random_visible_cells(2, 4, 0.5, generator=torch.Generator().manual_seed(0)))
 openmp = ctypes.CDLL(next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line))
 print(openmp.omp_get_max_threads())
 """

@@ -163,8 +163,8 @@ def test_non_finite_loss_exits_with_advice_and_keeps_the_last_checkpoint(tmp_pat
     data = make_image_folder(tmp_path / "data", classes=2, per_class=2)
     real_loss_fn = pretrain.make_loss_fn
 
-    def loss_fn_exploding_in_epoch_1(args, rank, device):
-        fcmae_loss = real_loss_fn(args, rank, device)
+    def loss_fn_exploding_in_epoch_1(device):
+        fcmae_loss = real_loss_fn(device)
 
         def loss(model, batch, step):
             value, metrics = fcmae_loss(model, batch, step)
@@ -199,7 +199,7 @@ def test_a_run_with_workers_leaves_no_worker_process_behind_even_when_it_fails(t
     traceback's reference to the loader) they would hang the process at exit."""
     import multiprocessing
 
-    def failing_loss_fn(args, rank, device):
+    def failing_loss_fn(device):
         def loss_fn(model, batch, step):
             raise RuntimeError("a failure inside the epoch")
         return loss_fn

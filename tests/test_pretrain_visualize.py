@@ -93,8 +93,7 @@ def test_picture_is_the_tile_grid_with_labels_above_and_a_legend_below():
 def test_visualize_reconstructions_runs_the_model_without_changing_mode():
     model = fcmae.build_fcmae("convnextv2_atto", decoder_dim=64).train()
     images = torch.randn(2, 3, 64, 64)
-    mask = fcmae.random_masking(2, 4, 0.6, generator=torch.Generator().manual_seed(0))
-    picture = visualize_reconstructions(model, images, mask)
+    picture = visualize_reconstructions(model, images, seed=0)
     assert picture.shape[0] == 3 and picture.shape[2] == 5 * 66 + 2 and 0 <= picture.min() and picture.max() <= 1
     assert model.training
 
@@ -176,7 +175,8 @@ def test_cli_reports_each_bad_value_on_its_own_line_without_a_usage_block(pretra
     error = capsys.readouterr().err
     lines = error.splitlines()
     for line in ("  --output '" + str(tmp_path / "x.jpg") + "': the file name must end in .png",
-                 "  --input_size 100: must be a multiple of 32 (the FCMAE patch size), e.g. 224",
+                 "  --input_size 100: must be a multiple of the checkpoint's mask patch (32; 16 with a stride-2 stem), "
+                 "e.g. 224",
                  "  --mask_ratio 1.5: must be in [0, 1): the fraction of patches hidden",
                  "  --max_images 0: must be >= 1 (rows of the picture)"):
         assert line in lines, error

@@ -1,1 +1,1 @@
-"""Backends of the sparse encoder; each module exports ``encode(encoder, images, mask)``."""
+"""Backends of the sparse encoder; each module exports ``encode(encoder, images, visible_cells)``."""

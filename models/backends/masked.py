@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from ..masks import mask_from_visible_cells
 from .common import block_pointwise, run_block, upsample_mask
 
 
-def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -> torch.Tensor:
-    """(N, C, H/32, W/32) features; ``keep_count`` is unused: the work is dense whatever is hidden."""
-    grid_size = (images.shape[2] // 32, images.shape[3] // 32)
+def encode(encoder, images: torch.Tensor, visible_cells: torch.Tensor) -> torch.Tensor:
+    """(N, C, H/s, W/s) features (s: ``encoder.total_stride``); the work is dense whatever is hidden."""
+    grid_size = encoder.grid_size(images)
+    mask = mask_from_visible_cells(visible_cells, grid_size[0] * grid_size[1])
     features = encoder.stem(images)
     for stage_index, stage in enumerate(encoder.stages):
         visible = 1.0 - upsample_mask(mask, grid_size, 2 ** (3 - stage_index)).to(features.dtype)

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from ..masks import mask_from_visible_cells
 from .common import block_pointwise, layer_norm, run_block
 from .sparse import gather_tokens, scatter_tokens, visible_indices
 
@@ -40,10 +41,12 @@ def import_minkowski():
     return MinkowskiEngine
 
 
-def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -> torch.Tensor:
+def encode(encoder, images: torch.Tensor, visible_cells: torch.Tensor) -> torch.Tensor:
     ME = import_minkowski()
-    grid_size = (images.shape[2] // 32, images.shape[3] // 32)
-    stem_out = encoder.stem(images)  # dense: the stem never mixes 32x32 cells
+    grid_size = encoder.grid_size(images)
+    mask = mask_from_visible_cells(visible_cells, grid_size[0] * grid_size[1])
+    keep_count = visible_cells.shape[1]
+    stem_out = encoder.stem(images)  # dense: the stem never mixes grid cells
     batch, _, height, width = stem_out.shape
     manager = ME.CoordinateManager(
         D=2, coordinate_map_type=ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU,

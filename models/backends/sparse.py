@@ -3,8 +3,9 @@
 Every image keeps the same number of cells, so the visible positions of a stage form a
 regular (N, L_visible, C) token tensor. The tokens are kept in *cell-major* order: visible
 cell after visible cell (ascending cell index), and inside a cell its s x s positions row
-by row (s = 8, 4, 2, 1 at stages 0-3). In that order
-- the stem runs on the visible 32x32 cells alone (its 4x4 stride-4 conv never crosses a cell);
+by row (s = 8, 4, 2, 1 at stages 0-3, whatever the stem stride). In that order
+- the stem runs on the visible cells (``total_stride`` x ``total_stride`` pixels) alone: its
+  k x k stride-k conv never crosses a cell;
 - downsampling is a reshape: a position's 2x2 children lie in its own cell;
 - LayerNorm, both MLP linears, GELU, GRN and the residual act on the tokens only;
 - the depthwise 7x7 conv, the one spatial operation, copies the tokens into a zero
@@ -18,14 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..sparse_encoder import TOTAL_STRIDE
 from .common import block_pointwise, downsample_linear, layer_norm, run_block, upsample_mask
 
 
-def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -> torch.Tensor:
-    grid_size = (images.shape[2] // TOTAL_STRIDE, images.shape[3] // TOTAL_STRIDE)
-    cells = visible_cells(mask, keep_count)
-    tokens, side = sparse_stem(encoder.stem, images, cells)
+def encode(encoder, images: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """(N, C, H/s, W/s) features of the (N, K) visible ``cells`` (s: ``encoder.total_stride``)."""
+    grid_size = encoder.grid_size(images)
+    tokens, side = sparse_stem(encoder.stem, images, cells, encoder.total_stride)
     for stage_index, stage in enumerate(encoder.stages):
         if stage_index > 0:
             tokens = sparse_downsample(stage.downsample, tokens, side)
@@ -35,12 +35,6 @@ def encode(encoder, images: torch.Tensor, mask: torch.Tensor, keep_count: int) -
         for block in stage.blocks:
             tokens = run_block(encoder, sparse_block, block, tokens, rows, map_shape)
     return tokens_to_map(tokens, rows, map_shape)
-
-
-def visible_cells(mask: torch.Tensor, keep_count: int) -> torch.Tensor:
-    """(N, L) mask, 1 = hidden, ``keep_count`` visible cells per image -> (N, K) each image's
-    visible cell indices, ascending (stable argsort: nothing read back from the device)."""
-    return torch.argsort(mask, dim=1, stable=True)[:, :keep_count]
 
 
 def cell_major_rows(cells: torch.Tensor, grid_size: tuple[int, int], side: int) -> torch.Tensor:
@@ -63,17 +57,17 @@ def tokens_to_map(tokens: torch.Tensor, rows: torch.Tensor, map_shape: tuple[int
     return flat.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
-def sparse_stem(stem, images: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The stem on each image's visible 32x32 cells (N, K) only.
+def sparse_stem(stem, images: torch.Tensor, cells: torch.Tensor, cell_size: int) -> tuple[torch.Tensor, int]:
+    """The stem on each image's visible ``cell_size`` x ``cell_size`` cells (N, K) only.
 
     Returns cell-major tokens (N, K * side**2, C) and ``side``, the stem outputs per cell side.
     """
     batch, channels, height, width = images.shape
-    grid_w = width // TOTAL_STRIDE
-    patches = images.reshape(batch, channels, height // TOTAL_STRIDE, TOTAL_STRIDE, grid_w, TOTAL_STRIDE)
-    patches = patches.permute(0, 2, 4, 1, 3, 5)  # (N, grid_h, grid_w, 3, 32, 32)
+    grid_w = width // cell_size
+    patches = images.reshape(batch, channels, height // cell_size, cell_size, grid_w, cell_size)
+    patches = patches.permute(0, 2, 4, 1, 3, 5)  # (N, grid_h, grid_w, C_in, s, s)
     image_ids = torch.arange(batch, device=images.device)[:, None]
-    visible = patches[image_ids, cells // grid_w, cells % grid_w]  # (N, K, 3, 32, 32)
+    visible = patches[image_ids, cells // grid_w, cells % grid_w]  # (N, K, C_in, s, s)
     out = stem(visible.flatten(0, 1))  # (N * K, C, side, side)
     return out.permute(0, 2, 3, 1).reshape(batch, -1, out.shape[1]), out.shape[-1]
 

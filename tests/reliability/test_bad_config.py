@@ -46,6 +46,8 @@ INVALID = {
     "pretrain": {
         **SHARED,
         "--input_size": ["16", "-32", "100"],  # 100: not a multiple of the 32-px patch
+        "--stem_stride": ["3", "0"],
+        "--in_chans": ["0"],
         "--mask_ratio": ["1.0", "-0.1", "nan"],
         "--decoder_depth": ["0"],
         "--decoder_embed_dim": ["0"],
@@ -55,6 +57,8 @@ INVALID = {
     },
     "finetune": {
         **SHARED,
+        "--stem_stride": ["3", "0"],
+        "--in_chans": ["0"],
         "--nb_classes": ["0"],
         "--drop_path": ["1.0", "-0.1"],
         "--layer_decay": ["0", "1.5", "nan"],
@@ -89,6 +93,8 @@ OTHER_MISTAKES = [  # (cli, arguments, text the error must contain)
     ("pretrain", ["--no-auto_resume", "True"], "--no-auto_resume takes no value"),
     ("pretrain", ["--resume", "/no/such/checkpoint.pth"], "--resume '/no/such/checkpoint.pth': no such checkpoint"),
     ("finetune", ["--finetune", "/no/such/encoder.pt"], "--finetune '/no/such/encoder.pt': no such checkpoint"),
+    ("pretrain", ["--init_from", "/no/such/encoder.pt"], "--init_from '/no/such/encoder.pt': no such file"),
+    ("pretrain", ["--stem_stride", "2", "--input_size", "40"], "--input_size 40: must be a multiple of 16"),
     ("pretrain", ["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
 ]
 

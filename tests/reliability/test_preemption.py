@@ -242,9 +242,9 @@ import pretrain
 scan = pretrain.build_dataset
 
 
-def scan_interrupted_by_sigterm(args):
+def scan_interrupted_by_sigterm(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice arrives while the folder is scanned
-    return scan(args)
+    return scan(*args, **kwargs)
 
 
 pretrain.build_dataset = scan_interrupted_by_sigterm
