@@ -28,6 +28,7 @@ naming one image per line; labels are not used (engine.data.build_pretraining_im
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 import fcmae
-from engine.checkpoint import PRETRAINING, checkpoint_paths, other_kind_problem, save_safetensors
+from engine.checkpoint import PRETRAINING, other_kind_problem, save_safetensors
 from engine.cli import parse_and_validate
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, optional_path)
@@ -163,24 +164,25 @@ def make_export(args: argparse.Namespace, images: torch.Tensor):
 
 
 def build_model(args: argparse.Namespace) -> fcmae.FCMAE:
-    """The FCMAE of the flags; with --init_from, its weights from that file, unless --output_dir holds a
-    checkpoint that auto-resume will continue (the runner resumes after this)."""
-    model = fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim, args.decoder_depth,
-                              args.norm_pix_loss, grad_checkpointing=args.grad_checkpointing,
-                              stem_stride=args.stem_stride, in_chans=args.in_chans)
-    if args.init_from is None:
-        return model
-    if args.auto_resume and checkpoint_paths(args.output_dir):
-        _logger.info("--init_from %s not applied: %s holds checkpoints and auto-resume continues from the newest "
-                     "(start in an empty --output_dir to initialise from the file)", args.init_from, args.output_dir)
-        return model
+    """The FCMAE of the flags, freshly initialised."""
+    return fcmae.build_fcmae(args.model, args.backend, args.mask_ratio, args.decoder_embed_dim, args.decoder_depth,
+                             args.norm_pix_loss, grad_checkpointing=args.grad_checkpointing,
+                             stem_stride=args.stem_stride, in_chans=args.in_chans)
+
+
+def apply_init_from(args: argparse.Namespace, model: fcmae.FCMAE, resumed_from: Optional[str] = None) -> None:
+    """--init_from: a fresh run starts from that file's weights (the encoder; the decoder parts
+    whose shapes fit); a run that resumes a checkpoint (auto-resume wins) leaves them alone."""
+    if resumed_from is not None:
+        _logger.info("--init_from %s not applied: the run resumes from %s (start in an empty --output_dir to "
+                     "initialise from the file)", args.init_from, resumed_from)
+        return
     try:
         report = fcmae.init_from(model, args.init_from)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"--init_from {args.init_from}: {error}") from error
     for line in report.lines():
         _logger.info("%s", line)
-    return model
 
 
 def make_knn_evaluation(args: argparse.Namespace, info: DistributedInfo):
@@ -221,6 +223,7 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
     return Task(
         train_set=dataset,
         build_model=lambda: build_model(args),
+        prepare_weights=functools.partial(apply_init_from, args) if args.init_from is not None else None,
         loss_fn=make_loss_fn(info.device),
         recipe_blr=RECIPE_BLR,
         adamw_betas=ADAMW_BETAS,

@@ -80,7 +80,9 @@ class Task:
     ``epoch_summary(record)`` adds them to the epoch's log line. ``export(model, epochs_done,
     tensorboard)`` runs on rank 0 with each epoch checkpoint (and once at the end of a run that
     trained nothing). ``outputs_opened()`` runs once the run has started and ``--output_dir``
-    exists (e.g. to save the scan of the data for the next run).
+    exists (e.g. to save the scan of the data for the next run). ``prepare_weights(model,
+    resumed_from)`` runs on every rank once the checkpoint to resume (its path, or None for a
+    fresh start) is loaded: e.g. initialise a fresh start from earlier weights.
     """
 
     train_set: Dataset
@@ -98,6 +100,7 @@ class Task:
     epoch_summary: Callable[[dict], str] = lambda record: ""
     export: Optional[Callable[[nn.Module, int, TensorBoardWriter], None]] = None
     outputs_opened: Optional[Callable[[], None]] = None
+    prepare_weights: Optional[Callable[[nn.Module, Optional[str]], None]] = None
 
 
 @dataclass(frozen=True)
@@ -188,8 +191,13 @@ def build_model_and_stepper(args: argparse.Namespace, info: DistributedInfo, tas
 
 def resume(args: argparse.Namespace, info: DistributedInfo, task: Task, model: nn.Module,
            stepper: GradientStepper) -> ResumePoint:
-    """Load --resume, or the newest valid checkpoint with --auto_resume, after the checks."""
+    """Load --resume, or the newest valid checkpoint with --auto_resume, after the checks; then
+    the task's ``prepare_weights``."""
     found = find_resume_checkpoint(args, info)
+    if task.prepare_weights is not None:
+        task.prepare_weights(model, found[0] if found else None)
+        if found is None and stepper.ema is not None:
+            stepper.ema.set(model)
     if found is None:
         return ResumePoint()
     path, state = found

@@ -43,7 +43,9 @@ def test_init_from_loads_the_encoder_of_every_layout(layout, tmp_path, caplog):
     source = randomised_model("convnextv2_atto", seed=1)
     path = write_layout(layout, source, tmp_path)
     with caplog.at_level(logging.INFO):
-        model = pretrain.build_model(pretrain_args("--init_from", str(path), "--output_dir", str(tmp_path / "out")))
+        args = pretrain_args("--init_from", str(path), "--output_dir", str(tmp_path / "out"))
+        model = pretrain.build_model(args)
+        pretrain.apply_init_from(args, model)
     loaded = model.encoder.state_dict()
     expected = encoder_state(source)
     assert loaded.keys() == expected.keys()
@@ -89,6 +91,7 @@ def test_a_three_channel_stride_four_encoder_is_adapted_to_one_channel_stride_tw
                          str(tmp_path / "out"))
     with caplog.at_level(logging.INFO):
         model = pretrain.build_model(args)
+        pretrain.apply_init_from(args, model)
     expected, _ = fit_stem(encoder_state(source), stem_stride=2, in_chans=1)
     loaded = model.encoder.state_dict()
     assert loaded["stem.0.weight"].shape == (40, 1, 2, 2)
@@ -114,7 +117,7 @@ def test_an_encoder_of_another_size_is_a_configuration_error_naming_the_size(tmp
     path = write_layout("encoder_safetensors", randomised_model("convnextv2_atto"), tmp_path)
     args = pretrain_args("--init_from", str(path), "--model", "convnextv2_femto", "--output_dir", str(tmp_path / "o"))
     with pytest.raises(ConfigError, match=r"--init_from .*encoder.safetensors: .*it looks like convnextv2_atto"):
-        pretrain.build_model(args)
+        pretrain.apply_init_from(args, pretrain.build_model(args))
 
 
 def test_init_from_with_resume_is_refused_before_any_work(source_run, tmp_path, capsys):
@@ -146,6 +149,19 @@ def test_continued_pretraining_starts_fresh_and_a_rerun_auto_resumes_instead(sou
     caplog.clear()
     with caplog.at_level(logging.INFO):
         pretrain.main(argv + ["--epochs", "2"])
-    assert f"--init_from {checkpoint} not applied: {output} holds checkpoints" in caplog.text
+    assert f"--init_from {checkpoint} not applied: the run resumes from {output / 'checkpoint-1.pth'}" in caplog.text
     assert f"resumed from {output / 'checkpoint-1.pth'}" in caplog.text
     assert load_checkpoint(output / "checkpoint-2.pth")["epoch"] == 2
+
+
+def test_an_output_folder_with_only_an_unusable_checkpoint_starts_from_the_file(source_run, tmp_path, caplog):
+    data, checkpoint = source_run
+    output = tmp_path / "continued"
+    output.mkdir()
+    (output / "checkpoint-3.pth").write_bytes(b"truncated")  # nothing auto-resume can continue from
+    with caplog.at_level(logging.INFO):
+        pretrain.main(tiny_run_args(data, output, "--init_from", str(checkpoint), "--epochs", "0"))
+    assert "skipping unusable checkpoint" in caplog.text and "not applied" not in caplog.text
+    source, exported = load_checkpoint(checkpoint), load_file(output / "encoder.safetensors")
+    assert all(torch.equal(exported[key[len("encoder."):]], value) for key, value in source["model"].items()
+               if key.startswith("encoder."))
