@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import importlib.util
 import logging
 from pathlib import Path
@@ -44,6 +45,7 @@ from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigEr
 from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_pretraining_images, to_device
 from engine.distributed import DistributedInfo
 from engine.index_cache import INDEX_CACHE_NAME, IndexCache
+from engine.normalization import resolve_normalization
 from engine.logging import TensorBoardWriter
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
@@ -75,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--stem_stride", type=int, metavar="{4,2}", default=DEFAULT_STEM_STRIDE,
                        help="stem conv kernel and stride (timm's patch_size): 4 as in the paper (mask patch 32), "
                             "2 for small images (mask patch 16)")
-    group.add_argument("--in_chans", type=int, default=DEFAULT_IN_CHANS, help="image channels")
+    group.add_argument("--in_chans", type=int, default=DEFAULT_IN_CHANS,
+                       help="image channels: 3 (RGB), 1 (grayscale, 8 or 16 bits), N (.npy arrays, multi-page TIFFs)")
+    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                       help="per-channel mean of the normalisation, one value per --in_chans channel (default: "
+                            "ImageNet's for 3 channels, else measured on 256 images of the data; stored with the run)")
+    group.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
+                       help="per-channel std of the normalisation (default: as --mean)")
     group.add_argument("--init_from", type=optional_path, default=None, metavar="FILE",
                        help="start a new run from these weights (continued pretraining): any file "
                             "models.load_pretrained reads; its decoder too where it fits; a stem of another stride or "
@@ -108,6 +116,16 @@ PRETRAIN_CHECKS = (
           "must be a multiple of 16 (the FCMAE patch size with --stem_stride 2), e.g. 96"),
     Check("--stem_stride", lambda a: a.stem_stride in (4, 2), "must be 4 (the paper's stem) or 2 (small images)"),
     Check("--in_chans", lambda a: a.in_chans >= 1, "must be >= 1 (3 for RGB, 1 for grayscale)"),
+    Check("--in_chans", lambda a: a.in_chans == 3 or a.data_path is not None,
+          "needs --data_path: the embedded demo photos are RGB"),
+    Check("--in_chans", lambda a: a.in_chans == 3 or a.knn_data_path is None,
+          "the k-NN monitor reads RGB class folders; leave --knn_data_path out for other channel counts"),
+    Check("--fast_decode", lambda a: not a.fast_decode or a.in_chans == 3,
+          "decodes 3-channel JPEGs only; leave it out with --in_chans other than 3"),
+    Check("--mean", lambda a: (a.mean is None) == (a.std is None), "give --mean and --std together, or neither"),
+    Check("--mean", lambda a: a.mean is None or len(a.mean) == a.in_chans, "needs one value per --in_chans channel"),
+    Check("--std", lambda a: a.std is None or (len(a.std) == a.in_chans and min(a.std) > 0),
+          "needs one value > 0 per --in_chans channel"),
     Check("--init_from", lambda a: a.init_from is None or Path(a.init_from).is_file(), "no such file"),
     Check("--init_from", lambda a: a.init_from is None or a.resume is None,
           "cannot be combined with --resume: --resume continues a run (weights, optimizer, epoch), --init_from starts "
@@ -125,9 +143,11 @@ def build_dataset(args: argparse.Namespace, index_cache: Optional[IndexCache] = 
     """The images of --data_path (a folder in any layout, ``<data_path>/train``, or a file list;
     scanned once per run, reused through ``index_cache``), or the embedded photos (announced in the log)."""
     if args.data_path is not None:
-        dataset, _ = build_pretraining_images(args.data_path, args.input_size, args.fast_decode,
-                                              index_cache=index_cache)
+        dataset, (mean, std) = build_pretraining_images(args.data_path, args.input_size, args.fast_decode,
+                                                        args.in_chans, args.mean, args.std, index_cache)
+        args.mean, args.std = list(mean), list(std)  # stored with the run (config.yaml, checkpoints, export)
         return dataset
+    args.mean, args.std = (list(values) for values in resolve_normalization(3))  # the photos: ImageNet's
     _logger.info("No --data_path given: demo run on %d embedded scikit-image photos (%s), %d random %d-px crops "
                  "per epoch. For real pretraining pass --data_path /path/to/imagenet.",
                  len(EMBEDDED_PHOTO_NAMES), ", ".join(EMBEDDED_PHOTO_NAMES), args.embedded_samples, args.input_size)
@@ -153,8 +173,9 @@ def make_export(args: argparse.Namespace, images: torch.Tensor):
         output_dir = Path(args.output_dir)
         save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
                          {"model_name": args.model, "format": "timm", "epochs": str(epochs_done),
-                          "stem_stride": str(args.stem_stride), "in_chans": str(args.in_chans)})
-        grid = visualize_reconstructions(model, images, args.seed)
+                          "stem_stride": str(args.stem_stride), "in_chans": str(args.in_chans),
+                          "mean": json.dumps(args.mean), "std": json.dumps(args.std)})
+        grid = visualize_reconstructions(model, images, args.seed, mean=args.mean, std=args.std)
         save_png(grid, output_dir / "reconstruction.png")
         tensorboard.image("reconstruction", grid, epochs_done)
         tensorboard.flush()
@@ -197,6 +218,10 @@ def make_knn_evaluation(args: argparse.Namespace, info: DistributedInfo):
     return evaluate
 
 
+def format_values(values) -> str:
+    return " ".join(f"{value:.6g}" for value in values)
+
+
 def make_checkpoint_check(args: argparse.Namespace):
     """ConfigError if a checkpoint to resume is finetune.py's (a classifier, not an FCMAE), or was
     trained with another stem stride or channel count."""
@@ -213,6 +238,12 @@ def make_checkpoint_check(args: argparse.Namespace):
             if value != getattr(args, flag):
                 raise ConfigError(f"--{flag} {getattr(args, flag)}: checkpoint {path} was trained with --{flag} "
                                   f"{value}; use --{flag} {value} {advice}")
+        if saved.get("mean") is not None and not torch.allclose(torch.tensor(saved["mean"] + saved["std"]),
+                                                                torch.tensor(args.mean + args.std)):
+            raise ConfigError(f"checkpoint {path} was trained with --mean {format_values(saved['mean'])} --std "
+                              f"{format_values(saved['std'])}, but this run normalises with --mean "
+                              f"{format_values(args.mean)} --std {format_values(args.std)} (the data changed?); "
+                              f"pass the checkpoint's values to continue it, {advice}")
 
     return check_checkpoint_fits
 
@@ -230,7 +261,8 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
         description=f"{args.model} ({args.backend} backend, stem stride {args.stem_stride}, {args.in_chans} channels)",
         check_checkpoint=make_checkpoint_check(args),
         # python -m fcmae.visualize redraws the same picture from a checkpoint
-        export=make_export(args, fixed_visual_batch(dataset, args.input_size, info.device)) if info.is_main else None,
+        export=make_export(args, fixed_visual_batch(dataset, args.input_size, info.device, in_chans=args.in_chans,
+                                                    mean=args.mean, std=args.std)) if info.is_main else None,
         outputs_opened=index_cache.save_pending if info.is_main else None,  # the scan, for the next run
         evaluate=make_knn_evaluation(args, info),
         epoch_summary=lambda record: f"knn_top1 {record['knn_top1']:.2f}%" if "knn_top1" in record else "",

@@ -249,49 +249,52 @@ def save_png(grid: torch.Tensor, path: str | os.PathLike) -> None:
     save_image(grid, os.fspath(path))
 
 
-def visual_transform(input_size: int) -> transforms.Compose:
-    """PIL image -> (3, input_size, input_size): bicubic resize of the short side, center crop,
-    ImageNet normalisation. Deterministic, unlike the training crops."""
-    return transforms.Compose([
-        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+def visual_transform(input_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                     std: Sequence[float] = IMAGENET_DEFAULT_STD, decoded: bool = False) -> transforms.Compose:
+    """PIL image (``decoded``: a (C, H, W) float tensor in [0, 1], ``engine.image_decode``) ->
+    (C, input_size, input_size): bicubic resize of the short side, center crop, normalisation
+    with ``mean``/``std``. Deterministic, unlike the training crops."""
+    resize = [transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+              transforms.CenterCrop(input_size)]
+    return transforms.Compose([*resize, *([] if decoded else [transforms.ToTensor()]), transforms.Normalize(mean, std)])
 
 
 def fixed_visual_batch(
-    source, input_size: int, device: torch.device | str = "cpu", count: int = VISUAL_IMAGES,
+    source, input_size: int, device: torch.device | str = "cpu", count: int = VISUAL_IMAGES, in_chans: int = 3,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> torch.Tensor:
-    """The images (N, 3, S, S) of a reconstruction picture, the same at every call.
+    """The images (N, in_chans, S, S) of a reconstruction picture, the same at every call.
 
-    ``source``: ``engine.data.EmbeddedPhotos`` (its first ``count`` items, already cropped), or an
-    image folder dataset (``.samples``) or a list of image paths: ``count`` files spread evenly over
-    the list, each through ``visual_transform`` (an unreadable file is replaced by the next readable
-    one). ``visualize_reconstructions`` draws their mask.
+    ``source``: ``engine.data.EmbeddedPhotos`` (its first ``count`` items, already cropped), or a
+    dataset of image files (``engine.data.ImageFiles``: its ``index`` of paths; no per-image list
+    is built) or a sequence of image paths: ``count`` files spread evenly over it, each decoded for
+    ``in_chans`` channels and put through ``visual_transform`` with ``mean``/``std`` (an
+    unreadable file is replaced by the next readable one). ``visualize_reconstructions`` draws
+    their mask.
     """
-    from engine.data import EmbeddedPhotos
+    from engine.data import EmbeddedPhotos, ImageFiles
 
     if isinstance(source, EmbeddedPhotos):
         images = torch.stack([source[index][0] for index in range(min(count, len(source)))])
     else:
-        if hasattr(source, "samples"):  # an ImageFolder
-            paths, where = [path for path, _ in source.samples], source.root
-        else:
-            paths = list(source)
-            where = os.path.commonpath([os.path.abspath(path) for path in paths]) if paths else "the list"
-        images = _load_spread(paths, input_size, count, where)
+        paths = source.index if isinstance(source, ImageFiles) else source
+        where = getattr(paths, "root", None) or "the images given"
+        images = _load_spread(paths, input_size, count, where, in_chans, mean, std)
     return images.to(device)
 
 
-def _load_spread(paths: Sequence[str | os.PathLike], input_size: int, count: int, where) -> torch.Tensor:
+def _load_spread(paths: Sequence[str | os.PathLike], input_size: int, count: int, where, in_chans: int = 3,
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
     """``count`` images spread evenly over ``paths``, each through ``visual_transform``; an
     unreadable file is replaced by the next readable one. UnreadableDatasetError if none is."""
-    from engine.data import UNREADABLE_IMAGE_ERRORS, UnreadableDatasetError, load_rgb_image
+    from engine.data import UNREADABLE_IMAGE_ERRORS, UnreadableDatasetError
+    from engine.image_decode import image_loader
 
-    if not paths:
+    if not len(paths):
         raise ValueError(f"no images to show in {where}")
-    transform = visual_transform(input_size)
+    load = image_loader(in_chans)
+    transform = visual_transform(input_size, mean, std, decoded=in_chans != 3)
     picked = torch.linspace(0, len(paths) - 1, min(count, len(paths))).long().tolist()
     images, unreadable = [], set()
     for index in picked:
@@ -300,7 +303,7 @@ def _load_spread(paths: Sequence[str | os.PathLike], input_size: int, count: int
             if position in unreadable:
                 continue
             try:
-                images.append(transform(load_rgb_image(paths[position])))
+                images.append(transform(load(paths[position])))
                 break
             except UNREADABLE_IMAGE_ERRORS as error:
                 unreadable.add(position)
@@ -407,8 +410,9 @@ VISUALIZE_CHECKS = (  # on the values in use: given, or the checkpoint's
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    from engine.data import EmbeddedPhotos, ImageFolderSkippingUnreadable, UnreadableDatasetError, resolve_image_root
+    from engine.data import EmbeddedPhotos, UnreadableDatasetError, pretraining_source
     from engine.distributed import choose_device
+    from engine.index_cache import INDEX_CACHE_NAME, IndexCache
     from engine.logging import setup_logging
 
     parser = build_parser()
@@ -423,18 +427,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         seed = config.get("seed", 0) if args.seed is None else args.seed
         validate(args, VISUALIZE_CHECKS)
         model.mask_ratio = args.mask_ratio
+        mean, std = config.get("mean") or IMAGENET_DEFAULT_MEAN, config.get("std") or IMAGENET_DEFAULT_STD
         if args.images is not None:
             source, described = image_paths(args.images), " ".join(args.images)
-        elif config.get("data_path"):
-            root = resolve_image_root(config["data_path"], "train")
-            source, described = ImageFolderSkippingUnreadable(root), f"the run's --data_path ({root})"
+        elif config.get("data_path"):  # the run's scan, reused while the data is unchanged
+            data = pretraining_source(config["data_path"])
+            source = IndexCache(Path(args.checkpoint).parent / INDEX_CACHE_NAME).load_or_scan(data).index
+            described = f"the run's --data_path ({data})"
         else:
             source = EmbeddedPhotos("train", input_size, config.get("embedded_samples", args.max_images))
             described = "the embedded photos the run trained on"
-        images = fixed_visual_batch(source, input_size, device, args.max_images)
-    except (ValueError, FileNotFoundError, UnreadableDatasetError) as error:
+        images = fixed_visual_batch(source, input_size, device, args.max_images, model.encoder.in_chans, mean, std)
+    except (ValueError, OSError, UnreadableDatasetError) as error:
         parser.error(str(error))
-    picture = visualize_reconstructions(model.to(device), images, seed, args.max_images)
+    picture = visualize_reconstructions(model.to(device), images, seed, args.max_images, mean, std)
     save_png(picture, args.output)
     _logger.info("wrote %s: %d images from %s, %d px, mask ratio %.2f, seed %d", args.output, len(images),
                  described, input_size, model.mask_ratio, seed)
