@@ -220,10 +220,15 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     model = as_config_error("--finetune", build_finetune_model, args.model, num_classes, args.finetune, args.drop_path,
                             grad_checkpointing=args.grad_checkpointing, stem_stride=args.stem_stride,
                             in_chans=args.in_chans)
-    stem_stride = stem_geometry(model.stem[0].weight)[0]
+    stem_stride, in_chans = stem_geometry(model.stem[0].weight)
     if args.input_size % total_stride(stem_stride):
         raise ConfigError(f"--input_size {args.input_size}: must be a multiple of {total_stride(stem_stride)}, the "
                           f"total stride of the model's stride-{stem_stride} stem (--stem_stride chooses another)")
+    if in_chans != 3:
+        raise ConfigError(f"--finetune {args.finetune}: a {in_chans}-channel encoder; fine-tuning reads RGB class "
+                          "folders through timm's augmentations, which take 3 channels. Pass --in_chans 3 to adapt "
+                          "its stem to RGB, or use its features (finetune.features.FeatureExtractor takes tensors "
+                          "of any channel count)")
     return model
 
 

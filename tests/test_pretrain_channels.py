@@ -15,6 +15,7 @@ import models
 import pretrain
 from engine.checkpoint import load_checkpoint
 from fcmae.visualize import main as visualize
+from finetune_helpers import load_finetune_script, make_colour_folder
 
 
 def run_args(data, output, *extra):
@@ -105,3 +106,19 @@ def test_channel_mistakes_stop_before_any_work(gray16, tmp_path, capsys, extra, 
         pretrain.main(argv)
     assert caught.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuning_a_grayscale_encoder_needs_in_chans_3_and_then_adapts_its_stem(gray16, tmp_path, capsys):
+    pretrain.main(run_args(gray16, tmp_path / "pre", "--in_chans", "1"))
+    data = tmp_path / "labelled"
+    make_colour_folder(data / "train", per_class=2, size=40, seed=0)
+    make_colour_folder(data / "val", per_class=1, size=40, seed=1)
+    finetune = load_finetune_script()
+    argv = ["--model", "convnextv2_atto", "--finetune", str(tmp_path / "pre" / "encoder.safetensors"),
+            "--data_path", str(data), "--input_size", "32", "--batch_size", "2", "--epochs", "1",
+            "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu", "--output_dir", str(tmp_path / "ft")]
+    with pytest.raises(SystemExit) as caught:
+        finetune.main(argv)
+    assert caught.value.code == 2 and "a 1-channel encoder; fine-tuning reads RGB" in capsys.readouterr().err
+    assert finetune.main([*argv, "--in_chans", "3"])["model"]["acc1"] >= 0
+    assert load_checkpoint(tmp_path / "ft" / "checkpoint-1.pth")["model"]["stem.0.weight"].shape[1] == 3
