@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import models
+from models.convnextv2 import DEFAULT_STEM_STRIDE
 from engine.class_folders import check_same_classes
 from engine.config import Check, ConfigError
 from engine.data import ImageFolderSkippingUnreadable, shutdown_workers
@@ -110,9 +111,9 @@ class DenseEncoderView:
     model: (N, 3, H, W) -> (N, dims[-1]) pooled embedding. The timm module lives on the meta
     device (no memory); every forward borrows the encoder's current tensors."""
 
-    def __init__(self, model_name: str, device: torch.device):
+    def __init__(self, model_name: str, device: torch.device, stem_stride: int = DEFAULT_STEM_STRIDE):
         with torch.device("meta"):
-            dense = models.create_dense_model(model_name, num_classes=0)
+            dense = models.create_dense_model(model_name, stem_stride, num_classes=0)
         self.module = _PooledEmbedding(dense).eval()
         width = models.MODEL_CONFIGS[model_name][1][-1]
         self.head_norm = {"model.head.norm.weight": torch.ones(width, device=device),
@@ -137,9 +138,10 @@ class KNNMonitor:
 
     def __init__(self, model_name: str, train_set: Dataset, val_set: Dataset, num_classes: int, k: int = 20,
                  freq: int = 1, max_images: Optional[int] = None, batch_size: int = 64, num_workers: int = 0,
-                 device: torch.device | str = "cpu", amp: str = "none"):
+                 device: torch.device | str = "cpu", amp: str = "none",
+                 stem_stride: int = DEFAULT_STEM_STRIDE):
         self.device = torch.device(device)
-        self.embed = DenseEncoderView(model_name, self.device)
+        self.embed = DenseEncoderView(model_name, self.device, stem_stride)
         self.width = models.MODEL_CONFIGS[model_name][1][-1]
         self.splits = {name: (dataset, balanced_indices(dataset.targets, max_images) if max_images else
                               list(range(len(dataset)))) for name, dataset in zip(SPLITS, (train_set, val_set))}
@@ -230,7 +232,8 @@ def build_knn_monitor(args: argparse.Namespace, device: torch.device) -> Optiona
     train_set, val_set = datasets
     check_same_classes(train_set.classes, val_set.classes, where=f" under --knn_data_path {args.knn_data_path}")
     monitor = KNNMonitor(args.model, train_set, val_set, len(train_set.classes), args.knn_k, args.knn_freq,
-                         args.knn_max_images or None, args.batch_size, args.num_workers, device, args.amp)
+                         args.knn_max_images or None, args.batch_size, args.num_workers, device, args.amp,
+                         args.stem_stride)
     _logger.info("k-NN monitor: %d-NN on %d train / %d val images of %d classes under %s, every %d epochs",
                  args.knn_k, len(monitor.splits["train"][1]), len(monitor.splits["val"][1]), len(train_set.classes),
                  args.knn_data_path, args.knn_freq)

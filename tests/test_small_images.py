@@ -15,6 +15,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import TRAINING_CHECKS, parse_args, validate
 from fcmae.visualize import main as visualize_main
 from finetune_helpers import load_finetune_script, make_colour_folder
+from image_folders import make_image_folder
 from models import create_dense_model
 
 torch.set_num_threads(1)
@@ -107,3 +108,16 @@ def test_small_image_configs_are_valid_and_use_the_stride_two_stem():
     args = parse_args(finetune.build_parser(), ["--config", str(REPO / "configs" / "finetune_atto_small_images.yaml")])
     validate(args, TRAINING_CHECKS + finetune.FINETUNE_CHECKS)
     assert (args.stem_stride, args.input_size) == (2, 96)
+
+
+def test_the_knn_monitor_embeds_with_a_stride_two_stem(tmp_path, caplog):
+    knn = tmp_path / "knn"
+    make_colour_folder(knn / "train", per_class=2, size=48, seed=0)
+    make_colour_folder(knn / "val", per_class=1, size=48, seed=1)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    with caplog.at_level(logging.INFO):
+        stats = pretrain.main(["--model", "convnextv2_atto", "--stem_stride", "2", "--input_size", "48",
+                               "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
+                               "--data_path", str(data), "--knn_data_path", str(knn), "--knn_k", "2",
+                               "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert 0 <= stats["knn_top1"] <= 100 and "knn_top1" in caplog.text
