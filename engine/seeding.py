@@ -7,8 +7,8 @@
   rank)`` (and the runner before each epoch's loader with ``derive_seed(seed, epoch, rank)``), so
   what a micro-batch draws depends only on where it is: a run resumed at any update boundary needs
   no saved RNG state, and every rank's streams are its own.
-* ``generator(seed, device)``: a ``torch.Generator`` on ``device`` (e.g. one per iteration for the
-  FCMAE mask, drawn on the training device).
+* ``generator(seed, device)``: a ``torch.Generator`` on ``device``, for draws that must not touch
+  the global RNGs (e.g. a fixed subset of the data).
 * ``configure_determinism(device)``: deterministic algorithms on CPU, cuDNN autotuning on CUDA.
 """
 from __future__ import annotations
