@@ -38,7 +38,6 @@ one dict (tensors, ``class_names`` and ``paths`` as lists, the rest as strings).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from torch.utils.data import DataLoader
 import models
 from models.convnextv2 import DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE
 from engine.checkpoint import atomic_write, save_safetensors
+from engine.config import TrainingArgumentParser
 from engine.data import ImageFolderSkippingUnreadable, load_rgb_image
 from engine.distributed import choose_device
 from engine.embeddings import extract_pooled, extract_pooled_and_stages, extract_stages
@@ -219,11 +219,10 @@ def load_features(path: str | os.PathLike) -> dict:
         return loaded
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> TrainingArgumentParser:
+    parser = TrainingArgumentParser(
         prog="python -m finetune.features",
         description="Write pooled features (and optionally the four stage maps) of every image in a folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="convnextv2_<atto|...|huge>")
     parser.add_argument("--checkpoint", default=None,

@@ -12,7 +12,6 @@ from engine.slurm import load_script
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_NOTE = re.compile(r"\(default\b")
 # CLIs owned elsewhere whose fix is not in this tree yet (strict: the test fails once they are fixed)
-PENDING = {"finetune/features.py": "--crop_pct and --device state their default twice (ArgumentDefaultsHelpFormatter)"}
 
 
 def command_line_programs() -> list[str]:
@@ -53,9 +52,7 @@ def test_the_programs_are_found():
             "finetune/linear_probe.py"} <= set(programs) and len(programs) >= 12
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(path, marks=pytest.mark.xfail(strict=True, reason=PENDING[path])) if path in PENDING else path
-    for path in command_line_programs()])
+@pytest.mark.parametrize("path", command_line_programs())
 def test_help_states_each_default_at_most_once(path, monkeypatch, capsys):
     if path.startswith("submitit_"):
         pytest.importorskip("submitit")
