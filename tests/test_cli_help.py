@@ -11,7 +11,6 @@ from engine.slurm import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_NOTE = re.compile(r"\(default\b")
-# CLIs owned elsewhere whose fix is not in this tree yet (strict: the test fails once they are fixed)
 
 
 def command_line_programs() -> list[str]:
