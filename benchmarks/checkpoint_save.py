@@ -7,7 +7,7 @@ the EMA copy; ``--no-ema`` for pretraining) in host memory, writes it with the s
 ``engine.checkpoint.save_checkpoint`` the runs use (a temporary file, fsync, rename), reads it back
 and prints the size, the time and the bandwidth, and the bandwidth that would fit the save into
 ``--budget-s`` seconds (torchrun gives workers 30 s between SIGTERM and SIGKILL). Needs about
-twice the checkpoint's size in free memory.
+the checkpoint's size in free memory, and as much free disk.
 """
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
         path = save_checkpoint(state, folder, epoch=1, keep_last=1)
         save_s = time.perf_counter() - start
         written = path.stat().st_size
+        del state  # room for reading it back
         start = time.perf_counter()
         load_checkpoint(path)
         load_s = time.perf_counter() - start
