@@ -48,6 +48,8 @@ INVALID = {
         "--input_size": ["16", "-32", "100"],  # 100: not a multiple of the 32-px patch
         "--stem_stride": ["3", "0"],
         "--in_chans": ["0"],
+        "--mean": ["0.5 0.5"],  # two values for three channels
+        "--std": ["0.2 0.2 0"],
         "--mask_ratio": ["1.0", "-0.1", "nan"],
         "--decoder_depth": ["0"],
         "--decoder_embed_dim": ["0"],
