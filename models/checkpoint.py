@@ -31,6 +31,7 @@ encoder's tensors plus ``head.norm`` at timm's initialisation, i.e. exactly the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -99,7 +100,7 @@ def read_checkpoint(path: str | Path) -> Mapping:
         except SafetensorError as error:
             raise ValueError(f"{path} is a damaged safetensors file ({error}); it may be truncated") from error
     try:  # an open file: torch.load would pick its reader from the name (.safetensors) otherwise
-        with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as file:
+        with allowing_namespaces(), open(path, "rb") as file:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         blocked = re.search(r"GLOBAL ([\w.]+)", str(error))
@@ -115,6 +116,18 @@ def read_checkpoint(path: str | Path) -> Mapping:
         archive = "zip archive" if file_kind == "zip" else "pickle"
         raise ValueError(f"{path} is a damaged PyTorch checkpoint: its {archive} cannot be read "
                          f"({type(error).__name__}: {error}); it may be truncated") from error
+
+
+SAFE_GLOBALS_CONTEXT = hasattr(torch.serialization, "safe_globals")  # torch >= 2.5
+
+
+def allowing_namespaces() -> contextlib.AbstractContextManager:
+    """A context in which ``torch.load(weights_only=True)`` also accepts ``argparse.Namespace``.
+    torch 2.4 has only the process-wide list: there, Namespace is added to it for good."""
+    if SAFE_GLOBALS_CONTEXT:
+        return torch.serialization.safe_globals([argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
 
 
 def file_format(path: str | Path) -> str:
