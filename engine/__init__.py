@@ -13,6 +13,8 @@
                    device-side metrics read only at log points.
 * ``ema``          EMA of the weights, updated after each optimizer update.
 * ``flops``        FLOPs of a step, GPU peak table, model FLOP utilisation.
+* ``compat``       the supported torch/torchvision/timm releases (checked at CLI start-up), and
+                   what differs between them: the TF32 switches, the total gradient norm.
 * ``signals``      SIGTERM/SIGUSR1 -> checkpoint at the next update boundary -> exit 3.
 * ``runner``       ``run_training(args, info, task)``: the training skeleton both CLIs share.
 * ``data``         ImageFolder that skips unreadable files, embedded photos, per-sample seeded and

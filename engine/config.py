@@ -45,6 +45,7 @@ import yaml
 from models import check_model_name
 
 from .checkpoint import atomic_write
+from .compat import set_tf32
 from .distributed import device_problem
 
 
@@ -580,8 +581,7 @@ def resolve_hardware_defaults(
         args.pin_mem = device.type == "cuda"
         chosen.append(f"--pin_mem {args.pin_mem}")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        set_tf32(matmul=True, conv=True)
         chosen.append("TF32 on for FP32 matmuls and convolutions")
     return chosen
 

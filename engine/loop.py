@@ -35,6 +35,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from .compat import total_norm
 from .distributed import all_gather_objects, all_reduce_mean, find_ddp, get_rank, get_world_size, unwrap_model
 from .flops import flop_counter, model_flops_utilization
 from .logging import ProgressMeter, TensorBoardWriter
@@ -140,7 +141,7 @@ class GradientStepper:
         the norm before clipping as a 0-d device tensor."""
         if self.clip_grad is not None:
             return torch.nn.utils.clip_grad_norm_(self.parameters(), self.clip_grad)
-        return torch.nn.utils.get_total_norm([param.grad for param in self.parameters() if param.grad is not None])
+        return total_norm([param.grad for param in self.parameters() if param.grad is not None])
 
     def backward(self, loss: torch.Tensor, iteration: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Accumulate ``loss / update_freq``; at the end of a group, clip and step.

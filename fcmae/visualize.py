@@ -373,11 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
+    from engine.compat import require_supported_versions
     from engine.data import EmbeddedPhotos, ImageFolderSkippingUnreadable, UnreadableDatasetError, resolve_image_root
     from engine.distributed import choose_device
     from engine.logging import setup_logging
 
     parser = build_parser()
+    require_supported_versions(parser.prog)
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 import models
 from engine.checkpoint import atomic_write, save_safetensors
 from engine.data import ImageFolderSkippingUnreadable, load_rgb_image
+from engine.compat import require_supported_versions
 from engine.distributed import choose_device
 from engine.logging import format_duration, setup_logging
 from engine.loop import amp_autocast
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     parser = build_parser()
+    require_supported_versions(parser.prog)
     args = parser.parse_args(argv)
     setup_logging()
     if Path(args.output).suffix not in OUTPUT_SUFFIXES:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import models
+from engine.compat import require_supported_versions
 from engine.distributed import choose_device
 from engine.logging import setup_logging
 from engine.schedule import build_lr_scheduler
@@ -133,6 +134,7 @@ def _subset(dataset, size: int | None, seed: int):
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     """Extract train/val features once, then report linear-probe and k-NN top-1 (%)."""
     parser = build_parser()
+    require_supported_versions(parser.prog)
     args = parser.parse_args(argv)
     setup_logging()
     try:
