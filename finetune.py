@@ -36,6 +36,7 @@ import torch
 from engine.checkpoint import FINE_TUNING, atomic_write, latest_valid_checkpoint, other_kind_problem
 from engine.class_folders import check_same_classes
 from engine.cli import parse_and_validate
+from engine.compat import require_supported_versions
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, config_dict, optional_path, parse_bool)
 from engine.data import build_loader, to_device
@@ -413,6 +414,7 @@ def demo_arguments() -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
+    require_supported_versions(parser.prog)
     args = parse_and_validate(parser, argv, TRAINING_CHECKS + FINETUNE_CHECKS, demo_argv=demo_arguments())
     intro = None
     if args.demo:

@@ -40,6 +40,7 @@ import torch
 import fcmae
 from engine.checkpoint import PRETRAINING, other_kind_problem, save_safetensors
 from engine.cli import parse_and_validate
+from engine.compat import require_supported_versions
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, optional_path)
 from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_pretraining_images, to_device
@@ -271,6 +272,7 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
+    require_supported_versions(parser.prog)
     args = parse_and_validate(parser, argv, TRAINING_CHECKS + PRETRAIN_CHECKS + KNN_MONITOR_CHECKS,
                               demo_argv=["--config", str(DEMO_CONFIG)])
     return launch(parser, args, lambda info: run_training(args, info, build_task(args, info)))

@@ -8,11 +8,13 @@ Launcher flags as in submitit_pretrain.py; every other flag is finetune.py's.
 """
 from pathlib import Path
 
+from engine.compat import require_supported_versions
 from engine.slurm import launch
 
 
 def main(argv=None):
     """Check the flags and submit the job; returns the submitit job."""
+    require_supported_versions(Path(__file__).name)
     return launch(Path(__file__).resolve().parent / "finetune.py", "FINETUNE_CHECKS", argv)
 
 

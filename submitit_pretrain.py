@@ -11,11 +11,13 @@ pretrain.py's. The job checkpoints, requeues and resumes on time limits and pree
 """
 from pathlib import Path
 
+from engine.compat import require_supported_versions
 from engine.slurm import launch
 
 
 def main(argv=None):
     """Check the flags and submit the job; returns the submitit job."""
+    require_supported_versions(Path(__file__).name)
     return launch(Path(__file__).resolve().parent / "pretrain.py", "PRETRAIN_CHECKS", argv)
 
 

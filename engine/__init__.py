@@ -17,6 +17,8 @@
 * ``progress``     an epoch's device-side metrics, read and checked only at log points.
 * ``loop``         ``train_updates``: the micro-batch loop of one epoch, yielding after each update.
 * ``flops``        FLOPs of a step (counted once, on fake tensors), GPU peak table, MFU.
+* ``compat``       the supported torch/torchvision/timm releases (checked at CLI start-up), and
+                   what differs between them: the TF32 switches, the total gradient norm.
 * ``agreement``    per-update decisions (stop, time-based checkpoint) agreed through the job's store.
 * ``signals``      SIGTERM/SIGUSR1 -> checkpoint at the next update boundary -> exit 3; the stop
                    marker that torchrun's restarted workers honour.

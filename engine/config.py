@@ -49,6 +49,7 @@ import yaml
 from models import check_model_name
 
 from .checkpoint import atomic_write
+from .compat import set_tf32
 from .distributed import device_problem
 from .errors import ConfigError
 from .progress import DEFAULT_MAX_SKIPPED_IN_ROW
@@ -666,8 +667,7 @@ def resolve_hardware_defaults(
         args.pin_mem = device.type == "cuda"
         chosen.append(f"--pin_mem {args.pin_mem}")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        set_tf32(matmul=True, conv=True)
         chosen.append("TF32 on for FP32 matmuls and convolutions")
     return chosen
 

@@ -23,6 +23,8 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from .compat import get_tf32
+
 # (substring of torch.cuda.get_device_name(), dense peak TFLOPS {bf16, tf32, fp32}); the first
 # match wins, so the more specific names come first. Vendor data sheets, without sparsity.
 PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -63,10 +65,11 @@ def peak_tflops(device_name: str, precision: str) -> Optional[float]:
 
 def matmul_precision(amp: str) -> str:
     """The tensor-core precision matmuls run at under ``--amp``: bf16/fp16 autocast -> "bf16",
-    fp32 -> "tf32" when PyTorch allows TF32 matmuls, else "fp32"."""
+    fp32 -> "tf32" when TF32 matmuls are allowed now (``compat.get_tf32``, whichever torch switch
+    allowed them), else "fp32"."""
     if amp != "none":
         return "bf16"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return "tf32" if get_tf32().matmul else "fp32"
 
 
 def model_flops_utilization(flops_per_image: float, images_per_s: float, peak_tflops_value: float) -> float:

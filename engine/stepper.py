@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
+from .compat import total_norm
 from .distributed import find_ddp
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,7 +109,7 @@ class GradientStepper:
         clips them to ``clip_grad`` when set. Not finite when any gradient is not."""
         if self.clip_grad is not None:
             return torch.nn.utils.clip_grad_norm_(self.parameters(), self.clip_grad)
-        return torch.nn.utils.get_total_norm([param.grad for param in self.parameters() if param.grad is not None])
+        return total_norm([param.grad for param in self.parameters() if param.grad is not None])
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The optimizer update of the accumulated gradients, skipped when they are not finite.

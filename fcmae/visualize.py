@@ -410,12 +410,14 @@ VISUALIZE_CHECKS = (  # on the values in use: given, or the checkpoint's
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
+    from engine.compat import require_supported_versions
     from engine.data import EmbeddedPhotos, UnreadableDatasetError, pretraining_source
     from engine.distributed import choose_device
     from engine.index_cache import INDEX_CACHE_NAME, IndexCache
     from engine.logging import setup_logging
 
     parser = build_parser()
+    require_supported_versions(parser.prog)
     args = parser.parse_args(argv)
     setup_logging()
     try:

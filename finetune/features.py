@@ -55,6 +55,7 @@ from models.convnextv2 import DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE
 from engine.checkpoint import atomic_write, save_safetensors
 from engine.config import TrainingArgumentParser
 from engine.data import ImageFolderSkippingUnreadable, load_rgb_image
+from engine.compat import require_supported_versions
 from engine.distributed import choose_device
 from engine.embeddings import extract_pooled, extract_pooled_and_stages, extract_stages
 from engine.eval_transform import build_eval_transform
@@ -243,6 +244,7 @@ def build_parser() -> TrainingArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     parser = build_parser()
+    require_supported_versions(parser.prog)
     args = parser.parse_args(argv)
     setup_logging()
     if Path(args.output).suffix not in OUTPUT_SUFFIXES:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import models
+from engine.compat import require_supported_versions
 from engine.config import TrainingArgumentParser
 from engine.distributed import choose_device
 from engine.eval_transform import build_eval_transform
@@ -142,6 +143,7 @@ def main(argv: Optional[Sequence[str]] = None, with_probe: bool = True) -> dict[
     """Extract train/val features once, then report linear-probe (unless ``with_probe`` is False)
     and k-NN top-1 (%)."""
     parser = build_parser(with_probe)
+    require_supported_versions(parser.prog)
     args = parser.parse_args(argv)
     if not with_probe and args.knn_k < 1:
         parser.error(f"--knn_k {args.knn_k}: must be >= 1 (neighbours per query)")

@@ -40,6 +40,7 @@ strict ``load_state_dict`` works.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -111,7 +112,7 @@ def read_checkpoint(path: str | Path) -> Mapping:
         except SafetensorError as error:
             raise ValueError(f"{path} is a damaged safetensors file ({error}); it may be truncated") from error
     try:  # an open file: torch.load would pick its reader from the name (.safetensors) otherwise
-        with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as file:
+        with allowing_namespaces(), open(path, "rb") as file:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         blocked = re.search(r"GLOBAL ([\w.]+)", str(error))
@@ -127,6 +128,18 @@ def read_checkpoint(path: str | Path) -> Mapping:
         archive = "zip archive" if file_kind == "zip" else "pickle"
         raise ValueError(f"{path} is a damaged PyTorch checkpoint: its {archive} cannot be read "
                          f"({type(error).__name__}: {error}); it may be truncated") from error
+
+
+SAFE_GLOBALS_CONTEXT = hasattr(torch.serialization, "safe_globals")  # torch >= 2.5
+
+
+def allowing_namespaces() -> contextlib.AbstractContextManager:
+    """A context in which ``torch.load(weights_only=True)`` also accepts ``argparse.Namespace``.
+    torch 2.4 has only the process-wide list: there, Namespace is added to it for good."""
+    if SAFE_GLOBALS_CONTEXT:
+        return torch.serialization.safe_globals([argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
 
 
 def file_format(path: str | Path) -> str:
@@ -266,6 +279,18 @@ def encoder_mismatch(path, model_name: str, state: Mapping[str, torch.Tensor],
     return _describe_problems(path, model_name, state, **problems) if any(problems.values()) else None
 
 
+def adapt_input_channels(in_chans: int, weight: torch.Tensor, source_chans: int) -> torch.Tensor:
+    """timm's ``adapt_input_conv`` from ``source_chans`` to ``in_chans`` input channels. From RGB
+    every supported timm release does it; from another count it needs timm >= 1.0.31."""
+    if source_chans == 3:
+        return adapt_input_conv(in_chans, weight)
+    try:
+        return adapt_input_conv(in_chans, weight, base_chans=source_chans)
+    except TypeError as error:  # an older timm: its adapt_input_conv adapts from RGB only
+        raise ValueError(f"adapting a {source_chans}-channel stem to {in_chans} channels needs timm >= 1.0.31 "
+                         "(pip install -U 'timm>=1.0.31,<2')") from error
+
+
 def fit_stem(state: Mapping[str, torch.Tensor], stem_stride: int | None = None,
              in_chans: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``state`` (timm names) with its stem conv weight fitted to ``stem_stride`` and ``in_chans``
@@ -281,7 +306,7 @@ def fit_stem(state: Mapping[str, torch.Tensor], stem_stride: int | None = None,
     source_stride, source_chans = stem_geometry(weight)
     changes = []
     if in_chans is not None and in_chans != source_chans:
-        weight = adapt_input_conv(in_chans, weight, base_chans=source_chans)
+        weight = adapt_input_channels(in_chans, weight, source_chans)
         rule = "summed" if in_chans == 1 else f"repeated, scaled by {source_chans}/{in_chans}"
         changes.append(f"{STEM_WEIGHT}: {source_chans} -> {in_chans} input channels ({rule}, timm's adapt_input_conv)")
     if stem_stride is not None and stem_stride != source_stride:

@@ -17,12 +17,21 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import models  # noqa: E402,F401  (installs the torchvision guard before any test imports timm)
+from engine.compat import get_tf32, set_tf32  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def restore_tf32():
+    """Put the TF32 switches back as they were, through the API the product sets them with."""
+    saved = get_tf32()
+    yield
+    set_tf32(*saved)
 
 
 def randomize_grn(module: torch.nn.Module, std: float = 0.5) -> None:

@@ -16,6 +16,7 @@ from checkpoint_layouts import (encoder_state, fcmae_training_checkpoint, random
 from safetensors.torch import load_file, save_file
 
 import fcmae
+import models.checkpoint
 from engine.checkpoint import save_safetensors
 from models.checkpoint import convert_to_timm, encoder_export_state, load_pretrained, read_checkpoint
 from models.convnextv2 import create_dense_model
@@ -130,6 +131,18 @@ def test_official_minkowski_pretraining_checkpoint_loads_exactly(model_name, ima
     torch.save(checkpoint, tmp_path / "checkpoint-799.pth")
     loaded = load_pretrained(model_name, tmp_path / "checkpoint-799.pth", num_classes=0)
     assert_same_features(loaded, source, images)
+
+
+def test_official_flags_load_on_a_torch_without_the_safe_globals_context(tmp_path, monkeypatch):
+    """torch 2.4 has only the process-wide list of classes weights_only may build: the fallback uses it."""
+    allowed = torch.serialization.get_safe_globals()
+    monkeypatch.setattr(models.checkpoint, "SAFE_GLOBALS_CONTEXT", False)
+    torch.save({"model": {}, "args": argparse.Namespace(model="convnextv2_atto")}, tmp_path / "checkpoint-1.pth")
+    try:
+        assert read_checkpoint(tmp_path / "checkpoint-1.pth")["args"] == argparse.Namespace(model="convnextv2_atto")
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(allowed)
 
 
 def test_wrong_size_checkpoint_names_mismatched_shapes_and_its_size(tmp_path):

@@ -5,10 +5,13 @@ Marked ``cuda`` (``pytest -m cuda``; ``bash scripts/gpu_check.sh`` runs them) an
 without CUDA. They use the CLIs' own loss functions and ``engine.stepper.GradientStepper``.
 """
 import contextlib
+import math
 
 import pytest
 import torch
 
+from engine.compat import TF32, get_tf32, set_tf32
+from engine.flops import peak_tflops
 from engine.loop import Step
 from engine.optim import build_adamw
 from engine.stepper import GradientStepper, build_model_ema
@@ -27,13 +30,9 @@ DEVICE = torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
-def exact_fp32():
-    """fp32 means fp32 here: no TF32 in matmuls and convolutions."""
-    # the fp32_precision API, as engine.config uses: torch refuses a mix of it and allow_tf32
-    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
-    yield
-    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+def exact_fp32(restore_tf32):
+    """fp32 means fp32 here: no TF32 in matmuls and convolutions (engine.compat, as the CLIs set it)."""
+    set_tf32(matmul=False, conv=False)
 
 
 @contextlib.contextmanager
@@ -115,6 +114,20 @@ def test_pretraining_micro_batches_never_wait_for_the_gpu():
         losses = run_micro_batches(model, stepper, loss_fn, image_batches(4), first_iteration=2)
     assert all(torch.isfinite(loss) for loss in losses)
     assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters())), "no update happened"
+
+
+def test_pretraining_cli_runs_in_fp32_with_tf32_and_reports_mfu(tmp_path):
+    """``pretrain.py --amp none --device cuda``: the CLI turns TF32 on and the MFU reads it back."""
+    import pretrain
+
+    output = tmp_path / "out"
+    stats = pretrain.main(["--device", "cuda", "--amp", "none", "--input_size", "64", "--batch_size", "4",
+                           "--embedded_samples", "8", "--epochs", "1", "--warmup_epochs", "0", "--print_freq", "1",
+                           "--num_workers", "0", "--output_dir", str(output)])
+    assert get_tf32() == TF32(matmul=True, conv=True)
+    assert math.isfinite(stats["loss"]) and (output / "checkpoint-1.pth").exists()
+    if peak_tflops(torch.cuda.get_device_name(), "tf32") is not None:
+        assert 0 < stats["mfu"] < 1, stats
 
 
 def test_compiled_fcmae_step_matches_eager():

@@ -3,10 +3,10 @@ validation that names the flag, the demo as defaults, defaults resolved per mach
 import argparse
 
 import pytest
-import torch
 import yaml
 
 import pretrain
+from engine.compat import TF32, get_tf32
 from engine.config import (TRAINING_CHECKS, BooleanFlag, Check, ConfigError, DefaultsOnceHelpFormatter,
                            add_training_arguments, config_dict, default_amp, default_num_workers,
                            load_yaml_defaults, parse_args, resolve_hardware_defaults, save_config,
@@ -233,24 +233,17 @@ def test_auto_amp_is_bf16_on_cuda_where_supported_and_fp32_elsewhere(device, bf1
 
 
 @pytest.fixture
-def restore_fp32_precision():
-    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    yield
-    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
-
-
-@pytest.fixture
 def outside_slurm(monkeypatch):
     for name in ("SLURM_CPUS_PER_TASK", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID"):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_resolution_fills_only_what_was_left_to_the_machine(restore_fp32_precision, monkeypatch, outside_slurm):
+def test_resolution_fills_only_what_was_left_to_the_machine(restore_tf32, monkeypatch, outside_slurm):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     args = parse_args(make_parser(), [])
     lines = resolve_hardware_defaults(args, "cuda:1", cpus=96, bf16_supported=True)
     assert (args.amp, args.num_workers, args.pin_mem) == ("bf16", 10, True)
-    assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert get_tf32() == TF32(matmul=True, conv=True)
     assert len(lines) == 4 and "--num_workers 10 (96 CPUs, 8 training processes on this node)" in lines
     args = parse_args(make_parser(), ["--amp", "none", "--num_workers", "0", "--pin_mem", "False"])
     assert resolve_hardware_defaults(args, "cuda", 1, cpus=96, bf16_supported=True) == [
