@@ -26,11 +26,11 @@ import torch
 
 # The oldest releases the quick tests (`python -m pytest -m "not slow"`) pass with (README,
 # "Which torch these commands install"); each older one fails them.
-MINIMUM_VERSIONS = {"torch": "2.4", "torchvision": "0.19", "timm": "1.0.21"}
+MINIMUM_VERSIONS = {"torch": "2.4", "torchvision": "0.19", "timm": "1.0.31"}
 INSTALL_COMMANDS = {
     "torch": "pip install torch==2.13.0 torchvision==0.28.0",  # the pinned pair of README, "Quick start"
     "torchvision": "pip install torch==2.13.0 torchvision==0.28.0",
-    "timm": 'pip install "timm>=1.0.21,<2"',
+    "timm": 'pip install "timm>=1.0.31,<2"',
 }
 
 

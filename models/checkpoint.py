@@ -279,18 +279,6 @@ def encoder_mismatch(path, model_name: str, state: Mapping[str, torch.Tensor],
     return _describe_problems(path, model_name, state, **problems) if any(problems.values()) else None
 
 
-def adapt_input_channels(in_chans: int, weight: torch.Tensor, source_chans: int) -> torch.Tensor:
-    """timm's ``adapt_input_conv`` from ``source_chans`` to ``in_chans`` input channels. From RGB
-    every supported timm release does it; from another count it needs timm >= 1.0.31."""
-    if source_chans == 3:
-        return adapt_input_conv(in_chans, weight)
-    try:
-        return adapt_input_conv(in_chans, weight, base_chans=source_chans)
-    except TypeError as error:  # an older timm: its adapt_input_conv adapts from RGB only
-        raise ValueError(f"adapting a {source_chans}-channel stem to {in_chans} channels needs timm >= 1.0.31 "
-                         "(pip install -U 'timm>=1.0.31,<2')") from error
-
-
 def fit_stem(state: Mapping[str, torch.Tensor], stem_stride: int | None = None,
              in_chans: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``state`` (timm names) with its stem conv weight fitted to ``stem_stride`` and ``in_chans``
@@ -306,7 +294,7 @@ def fit_stem(state: Mapping[str, torch.Tensor], stem_stride: int | None = None,
     source_stride, source_chans = stem_geometry(weight)
     changes = []
     if in_chans is not None and in_chans != source_chans:
-        weight = adapt_input_channels(in_chans, weight, source_chans)
+        weight = adapt_input_conv(in_chans, weight, base_chans=source_chans)
         rule = "summed" if in_chans == 1 else f"repeated, scaled by {source_chans}/{in_chans}"
         changes.append(f"{STEM_WEIGHT}: {source_chans} -> {in_chans} input channels ({rule}, timm's adapt_input_conv)")
     if stem_stride is not None and stem_stride != source_stride:

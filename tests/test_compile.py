@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint
+from engine.compat import release
 from fcmae import build_fcmae
 from finetune_helpers import make_colour_folder
 from reliability.faults import finetune_args, finish, start_script
@@ -55,6 +56,8 @@ def test_fcmae_compiles_to_one_graph_with_a_given_mask_of_another_ratio():
     assert torch.equal(compiled(images, visible)[2], mask_from_visible_cells(visible, 6))
 
 
+@pytest.mark.skipif(release(torch.__version__) < (2, 6), reason="torch < 2.6 breaks the graph at timm's "
+                    "checkpoint_seq (activation checkpointing); --compile then runs with a graph break")
 def test_finetune_model_compiles_to_one_graph_matching_eager():
     """timm's dense model: dynamo's one graph and AOT autograd's joint graph are what is ours to
     check; its kernels are inductor's (one inductor compile per test run is enough)."""

@@ -115,8 +115,8 @@ def test_old_or_missing_packages_are_named_in_one_sentence_with_the_needed_versi
         "this project needs torch >= 2.4, torchvision >= 0.19 (installed: torch 2.3.1+cu121, torchvision 0.18.1); "
         "run `pip install torch==2.13.0 torchvision==0.28.0`")
     monkeypatch.setattr(compat, "INSTALLED_VERSIONS", supported_versions_but(timm=None))
-    assert compat.version_problem() == ('this project needs timm >= 1.0.21 (installed: timm not installed); '
-                                        'run `pip install "timm>=1.0.21,<2"`')
+    assert compat.version_problem() == ('this project needs timm >= 1.0.31 (installed: timm not installed); '
+                                        'run `pip install "timm>=1.0.31,<2"`')
     monkeypatch.setattr(compat, "INSTALLED_VERSIONS", supported_versions_but(torch="2.13.0+cpu", timm="1.0.31"))
     assert compat.version_problem() is None
 
