@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from checkpoint_layouts import randomised_model, write_layout
 from engine.slurm import load_script
@@ -42,11 +44,15 @@ SKIPPED = (
 STAND_INS = {
     "/data/imagenette2-224": "{scratch}/data/imagenet",  # ImageNet-style folders: 4 colours, train/ and val/
     "/data/imagenet": "{scratch}/data/imagenet",
+    "/data/stl10": "{scratch}/data/imagenet",  # small images: the same folders (the commands set 96 px)
+    "/data/xray": "{scratch}/data/xray",  # 16-bit grayscale PNGs
+    "/data/rgbi": "{scratch}/data/rgbi",  # 4-channel .npy arrays
     "/path/to/imagenet-1k": "{scratch}/data/imagenet",
     "/shared/": "{scratch}/shared/",  # a filesystem every Slurm node shares
 }
 # files the README's commands read from the current folder, made in setup_scratch:
-#   convnextv2_base_1k_224_fcmae.pt (the official download, here an atto encoder in its layout),
+#   convnextv2_base_1k_224_fcmae.pt and convnextv2_atto_1k_224_fcmae.pt (the official downloads, here
+#   atto encoders in their layout),
 #   photo.jpg and more_photos/ (the user's pictures)
 CPU = ["--num_workers", "0", "--device", "cpu"]
 TRAIN_SMALL = ["--model", "convnextv2_atto", "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4",
@@ -63,7 +69,7 @@ def scale_down(program: str, argv: list[str]) -> list[str]:
         if "--eval" in argv:  # the model and input size come from the checkpoint
             return ["--batch_size", "4", *CPU]
         return [*TRAIN_SMALL, "--input_size", "32", *(["--embedded_samples", "8"] if demo else [])]
-    if program in ("finetune.linear_probe", "finetune.features"):
+    if program in ("finetune.linear_probe", "finetune.knn", "finetune.features"):
         return ["--input_size", "64", "--batch_size", "4", *CPU] + (["--epochs", "2"] if "probe" in program else [])
     if program == "fcmae.visualize":
         return ["--device", "cpu"]
@@ -103,8 +109,15 @@ def setup_scratch(scratch: Path) -> None:
             shutil.copy2(REPO / name, scratch / name)
     make_colour_folder(scratch / "data" / "imagenet" / "train", per_class=2, size=40)
     make_colour_folder(scratch / "data" / "imagenet" / "val", per_class=1, size=40, seed=1)
-    write_layout("official_fcmae", randomised_model("convnextv2_atto"), scratch).rename(
-        scratch / "convnextv2_base_1k_224_fcmae.pt")
+    for name in ("convnextv2_base_1k_224_fcmae.pt", "convnextv2_atto_1k_224_fcmae.pt"):
+        write_layout("official_fcmae", randomised_model("convnextv2_atto"), scratch).rename(scratch / name)
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        (scratch / "data" / "xray").mkdir(parents=True, exist_ok=True)
+        gray = (rng.random((48, 48)) * 65535).astype(np.uint16)
+        Image.fromarray(gray).save(scratch / "data" / "xray" / f"{index}.png")
+        (scratch / "data" / "rgbi").mkdir(parents=True, exist_ok=True)
+        np.save(scratch / "data" / "rgbi" / f"{index}.npy", rng.random((48, 48, 4)).astype(np.float32))
     make_colour_folder(scratch / "more_photos", classes=("red", "blue"), per_class=1, size=80)
     shutil.copy(scratch / "more_photos" / "red" / "0.png", scratch / "photo.jpg")
 
