@@ -20,6 +20,15 @@ import models  # noqa: E402,F401  (installs the torchvision guard before any tes
 from engine.compat import get_tf32, set_tf32  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_leftover_processes():
+    """Processes a failed test left behind (e.g. a job it was waiting for) are stopped with its module."""
+    from reliability.faults import stop_started_processes
+
+    yield
+    stop_started_processes()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -6,38 +6,19 @@ ends with the weights of an uninterrupted run.
 """
 import os
 import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from engine.checkpoint import load_checkpoint
 from image_folders import make_image_folder
-from reliability.faults import (REPO, STARTED, SUBPROCESS_ENV, assert_states_equal, finish, log_contains,
-                                pretrain_args, process_with_rank, start_script, stop_started_processes, wait_until)
+from reliability.faults import (assert_states_equal, finish, log_contains, pretrain_args, process_with_rank,
+                                start_script, wait_until)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank processes through /proc")]
 
 EPOCHS = 3  # 8 images / 2 ranks / batch 2: 2 iterations per epoch and rank
-
-
-@pytest.fixture(autouse=True)
-def _stop_leftover_processes():
-    yield
-    stop_started_processes()
-
-
-def start_elastic(argv: list[str], log: Path, max_restarts: int) -> subprocess.Popen:
-    """``torchrun --standalone --nproc_per_node 2 --max_restarts N pretrain.py argv``, output to ``log``."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               f"--max_restarts={max_restarts}", str(REPO / "pretrain.py"), *argv]
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, env=SUBPROCESS_ENV, stdout=output, stderr=subprocess.STDOUT, cwd=log.parent,
-                                   start_new_session=True)
-    STARTED.append(process)
-    return process
 
 
 def test_killed_worker_is_restarted_and_the_run_ends_with_the_uninterrupted_weights(tmp_path):
@@ -47,7 +28,7 @@ def test_killed_worker_is_restarted_and_the_run_ends_with_the_uninterrupted_weig
     finish(straight, tmp_path / "straight.out")
 
     output, log = tmp_path / "elastic", tmp_path / "elastic.out"
-    job = start_elastic(pretrain_args(data, output, epochs=EPOCHS), log, max_restarts=2)
+    job = start_script("pretrain.py", pretrain_args(data, output, epochs=EPOCHS), log, 2, "--max_restarts=2")
     wait_until(log_contains(output / "train.log", f"epoch 2/{EPOCHS} [1/2]"), job, log, "progress in epoch 2")
     rank_0 = process_with_rank(job.pid, 0)
     assert rank_0 is not None, f"rank 0 not found among torchrun's workers:\n{log.read_text()[-2000:]}"

@@ -22,20 +22,13 @@ from conftest import free_port
 from engine.checkpoint import checkpoint_paths, load_checkpoint
 from engine.signals import STOP_MARKER
 from image_folders import make_image_folder
-from reliability.faults import (REPO, STARTED, SUBPROCESS_ENV, assert_states_equal, child_pids, finish,
-                                log_contains, pretrain_args, process_with_rank, start_script,
-                                stop_started_processes, wait_until)
+from reliability.faults import (REPO, assert_states_equal, child_pids, finish, log_contains, pretrain_args,
+                                process_with_rank, start_command, start_script, wait_until)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds worker processes through /proc")]
 
 EPOCHS = 3  # 8 images / 2 ranks / batch 2: 2 iterations per epoch and rank
-
-
-@pytest.fixture(autouse=True)
-def _stop_leftover_processes():
-    yield
-    stop_started_processes()
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +48,9 @@ def straight(data, tmp_path_factory):
 
 def start_agent(argv: list[str], log: Path, port: int, *launcher: str) -> subprocess.Popen:
     """One of two torchrun agents ("nodes") meeting at 127.0.0.1:``port``."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes", *launcher,
-               str(REPO / "pretrain.py"), *argv]
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, env=SUBPROCESS_ENV, stdout=output, stderr=subprocess.STDOUT,
-                                   cwd=log.parent, start_new_session=True)
-    STARTED.append(process)
-    return process
+    return start_command([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                          "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes",
+                          *launcher, str(REPO / "pretrain.py"), *argv], log)
 
 
 def assert_no_ddp_layout_warning(*logs: Path) -> None:
@@ -101,12 +89,7 @@ def test_a_worker_killed_on_one_node_is_restarted_and_the_job_ends_with_the_same
 def test_a_stop_under_max_restarts_is_not_resumed_by_the_same_torchrun_but_by_a_new_one(data, straight, tmp_path):
     output, log = tmp_path / "out", tmp_path / "job.log"
     argv = pretrain_args(data, output, epochs=EPOCHS)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "--max_restarts=2", str(REPO / "pretrain.py"), *argv]
-    with open(log, "w") as stream:
-        job = subprocess.Popen(command, env=SUBPROCESS_ENV, stdout=stream, stderr=subprocess.STDOUT, cwd=tmp_path,
-                               start_new_session=True)
-    STARTED.append(job)
+    job = start_script("pretrain.py", argv, log, 2, "--max_restarts=2")
     wait_until(log_contains(output / "train.log", f"epoch 2/{EPOCHS} [1/2]"), job, log, "progress in epoch 2")
     for rank in (0, 1):  # the stop signal reaches the workers only (a preemption notice, a hook...)
         os.kill(process_with_rank(job.pid, rank), signal.SIGTERM)

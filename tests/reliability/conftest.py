@@ -4,7 +4,6 @@ import torch
 
 from finetune_helpers import make_colour_folder
 from image_folders import make_image_folder
-from reliability.faults import stop_started_processes
 
 torch.set_num_threads(1)  # as in the subprocesses (OMP_NUM_THREADS=1): bitwise-equal numbers
 
@@ -23,9 +22,3 @@ def finetune_data(tmp_path_factory):
     make_colour_folder(root / "val", per_class=1, size=24, seed=1)
     return root
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_leftover_processes():
-    """Runs a failed test left behind (e.g. a job it was waiting for) are stopped with the module."""
-    yield
-    stop_started_processes()

@@ -42,18 +42,40 @@ def finetune_args(data: Path, output: Path, *extra: str, epochs: int = 3, worker
             *extra]
 
 
+def cli_module(cli: str):
+    """The module of ``pretrain.py`` or ``finetune.py`` (its ``main`` and ``make_loss_fn``)."""
+    import pretrain
+    from finetune_helpers import load_finetune_script
+
+    return pretrain if cli == "pretrain" else load_finetune_script()
+
+
+def cli_args(cli: str, pretrain_data: Path, finetune_data: Path, output: Path, *extra: str, **kwargs) -> list[str]:
+    """``pretrain_args`` or ``finetune_args`` on that CLI's data."""
+    make = pretrain_args if cli == "pretrain" else finetune_args
+    return make(pretrain_data if cli == "pretrain" else finetune_data, output, *extra, **kwargs)
+
+
 STARTED: list[subprocess.Popen] = []  # stopped by ``stop_started_processes`` if a test leaves them running
 
 
-def start_script(script: str, args: list[str], log: Path, torchrun: int = 0) -> subprocess.Popen:
-    """``python <script> args`` (under ``torch.distributed.run`` with ``torchrun`` processes), output to
-    ``log``, in a process group of its own."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
+def start_command(command: list[str], log: Path) -> subprocess.Popen:
+    """``command`` with its output to ``log``, in ``log``'s folder and a process group of its own;
+    stopped by ``stop_started_processes`` if a test leaves it running."""
     with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, *launcher, str(REPO / script), *args], env=SUBPROCESS_ENV,
-                                   stdout=output, stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True)
+        process = subprocess.Popen(command, env=SUBPROCESS_ENV, stdout=output, stderr=subprocess.STDOUT,
+                                   cwd=log.parent, start_new_session=True)
     STARTED.append(process)
     return process
+
+
+def start_script(script: str, args: list[str], log: Path, torchrun: int = 0,
+                 *launcher_flags: str) -> subprocess.Popen:
+    """``python <script> args`` (under ``torch.distributed.run --standalone`` with ``torchrun``
+    processes and ``launcher_flags``), output to ``log``."""
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", *launcher_flags]
+                if torchrun else [])
+    return start_command([sys.executable, *launcher, str(REPO / script), *args], log)
 
 
 def stop_started_processes() -> None:

@@ -18,20 +18,11 @@ import engine.logging
 import engine.runner
 import pretrain
 from engine.checkpoint import load_checkpoint
-from finetune_helpers import load_finetune_script
-from reliability.faults import finetune_args, pretrain_args
+from reliability.faults import cli_args, cli_module, pretrain_args
 
 DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def cli_module(cli):
-    return pretrain if cli == "pretrain" else load_finetune_script()
-
-
-def cli_args(cli, pretrain_data, finetune_data, output, *extra):
-    if cli == "pretrain":
-        return pretrain_args(pretrain_data, output, *extra)
-    return finetune_args(finetune_data, output, *extra)
 
 
 def file_snapshot(path):

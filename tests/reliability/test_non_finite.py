@@ -6,6 +6,7 @@ CLIs' own loss functions. The run must exit with code 1 and an error naming the 
 iteration, the last checkpoint must be byte-identical with an unchanged modification time, and
 the same command without the fault must resume from it and finish.
 """
+import functools
 import json
 import logging
 
@@ -14,8 +15,7 @@ import torch
 
 import pretrain
 from engine.checkpoint import load_checkpoint
-from finetune_helpers import load_finetune_script
-from reliability.faults import finetune_args, pretrain_args
+from reliability.faults import cli_args, cli_module, pretrain_args
 
 NAN_AT = (1, 2)  # (epoch, iteration), 0-based: after checkpoint-1, in the middle of the second epoch
 
@@ -24,33 +24,35 @@ def file_snapshot(path):
     return path.read_bytes(), path.stat().st_mtime_ns
 
 
+def with_fault(make_loss_fn, fault):
+    """A CLI's ``make_loss_fn`` whose loss functions run ``fault(loss_fn, model, batch, step)``."""
+
+    def make(*args, **kwargs):
+        return functools.partial(fault, make_loss_fn(*args, **kwargs))
+
+    return make
+
+
 def nan_injecting(make_loss_fn, output, snapshots):
     """Wrap a CLI's ``make_loss_fn`` so that the images of iteration ``NAN_AT`` hold a NaN; just
     before, record every checkpoint file of ``output`` (bytes and mtime) in ``snapshots``."""
 
-    def make(*args, **kwargs):
-        loss_fn = make_loss_fn(*args, **kwargs)
+    def loss_with_nan_input(loss_fn, model, batch, step):
+        if (step.epoch, step.iteration) == NAN_AT:
+            snapshots.update({path.name: file_snapshot(path) for path in output.glob("checkpoint-*.pth")})
+            images = batch[0].clone()
+            images[0, 0, 0, 0] = float("nan")
+            batch = (images, *batch[1:])
+        return loss_fn(model, batch, step)
 
-        def loss_with_nan_input(model, batch, step):
-            if (step.epoch, step.iteration) == NAN_AT:
-                snapshots.update({path.name: file_snapshot(path) for path in output.glob("checkpoint-*.pth")})
-                images = batch[0].clone()
-                images[0, 0, 0, 0] = float("nan")
-                batch = (images, *batch[1:])
-            return loss_fn(model, batch, step)
-
-        return loss_with_nan_input
-
-    return make
+    return with_fault(make_loss_fn, loss_with_nan_input)
 
 
 @pytest.mark.parametrize("cli", ["pretrain", "finetune"])
 def test_nan_loss_stops_and_leaves_the_last_checkpoints_untouched_and_resumable(cli, pretrain_data, finetune_data,
                                                                                 tmp_path, monkeypatch, caplog):
-    module = pretrain if cli == "pretrain" else load_finetune_script()
-    output = tmp_path / "out"
-    argv = (pretrain_args(pretrain_data, output, epochs=2) if cli == "pretrain"
-            else finetune_args(finetune_data, output, epochs=2))
+    module, output = cli_module(cli), tmp_path / "out"
+    argv = cli_args(cli, pretrain_data, finetune_data, output, epochs=2)
     snapshots = {}
     with monkeypatch.context() as patch:
         patch.setattr(module, "make_loss_fn", nan_injecting(module.make_loss_fn, output, snapshots))
@@ -120,28 +122,20 @@ def nan_gradient_injecting(make_loss_fn, bad_steps):
     """Wrap a CLI's ``make_loss_fn``: at the (epoch, iteration)s in ``bad_steps`` the loss stays
     finite but one weight's gradient is NaN (d/dw sqrt(0 * w) = 0 * inf)."""
 
-    def make(*args, **kwargs):
-        loss_fn = make_loss_fn(*args, **kwargs)
+    def loss_with_nan_gradient(loss_fn, model, batch, step):
+        loss, metrics = loss_fn(model, batch, step)
+        if (step.epoch, step.iteration) in bad_steps:
+            loss = loss + (next(model.parameters()).flatten()[0] * 0.0).sqrt()
+        return loss, metrics
 
-        def loss_with_nan_gradient(model, batch, step):
-            loss, metrics = loss_fn(model, batch, step)
-            if (step.epoch, step.iteration) in bad_steps:
-                weight = next(model.parameters())
-                loss = loss + (weight.flatten()[0] * 0.0).sqrt()
-            return loss, metrics
-
-        return loss_with_nan_gradient
-
-    return make
+    return with_fault(make_loss_fn, loss_with_nan_gradient)
 
 
 @pytest.mark.parametrize("cli", ["pretrain", "finetune"])
 def test_an_update_with_nan_gradients_and_a_finite_loss_is_skipped_and_counted(cli, pretrain_data, finetune_data,
                                                                                tmp_path, monkeypatch, caplog):
-    module = pretrain if cli == "pretrain" else load_finetune_script()
-    output = tmp_path / "out"
-    argv = (pretrain_args(pretrain_data, output, epochs=2) if cli == "pretrain"
-            else finetune_args(finetune_data, output, epochs=2))
+    module, output = cli_module(cli), tmp_path / "out"
+    argv = cli_args(cli, pretrain_data, finetune_data, output, epochs=2)
     monkeypatch.setattr(module, "make_loss_fn", nan_gradient_injecting(module.make_loss_fn, {(0, 1)}))
     with caplog.at_level(logging.INFO):
         module.main(argv)

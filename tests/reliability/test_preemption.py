@@ -18,11 +18,10 @@ import pytest
 import pretrain
 from engine.checkpoint import checkpoint_paths, load_checkpoint
 from engine.signals import EXIT_INTERRUPTED, EXIT_STOPPED, request_stop
-from finetune_helpers import load_finetune_script
 from image_folders import make_image_folder
-from reliability.faults import (POLL_S, SUBPROCESS_ENV, assert_states_equal, child_pids, finetune_args, finish,
-                                log_contains, pretrain_args, process_with_rank, progress_by_iteration, sigkill,
-                                start_script, wait_until)
+from reliability.faults import (POLL_S, SUBPROCESS_ENV, assert_states_equal, child_pids, cli_args, cli_module,
+                                finish, log_contains, pretrain_args, process_with_rank, progress_by_iteration,
+                                sigkill, start_script, wait_until)
 
 EPOCHS = 3  # 4 iterations of batch 2 each
 MID_EPOCH = re.compile(r"checkpoint-\d+-\d+\.pth")
@@ -30,13 +29,6 @@ PRETRAIN_KEYS = ("model", "optimizer", "stepper")
 FINETUNE_KEYS = ("model", "model_ema", "optimizer", "stepper", "best")
 
 
-def cli_module(cli):
-    return pretrain if cli == "pretrain" else load_finetune_script()
-
-
-def cli_args(cli, pretrain_data, finetune_data, output, *extra, **kwargs):
-    make = pretrain_args if cli == "pretrain" else finetune_args
-    return make(pretrain_data if cli == "pretrain" else finetune_data, output, *extra, **kwargs)
 
 
 def assert_same_training(resumed_dir, straight_dir, keys, epochs=EPOCHS):
