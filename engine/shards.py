@@ -16,8 +16,8 @@ counted. Directories, links and ``__meta__`` members are passed over.
 * an http(s) URL, or a brace pattern of them;
 * a text file listing shards, one per line: paths (relative to the file's folder, or absolute)
   or http(s) URLs; blank lines and ``#`` comments are ignored. A text file is a shard list when
-  its first entry ends in ``.tar`` (else it lists images, ``engine.image_files``). A list never
-  runs commands: a line starting with ``pipe:`` is an error.
+  its first entry ends in ``.tar`` or is a URL or command (else it lists images,
+  ``engine.image_files``). A list never runs commands: a line starting with ``pipe:`` is an error.
 
 ``ShardIndex`` is the dataset's index, built once per run on rank 0 (``ShardIndexCache``, reused
 from ``--output_dir`` while the shards are unchanged): per shard its sample count, per sample
@@ -111,13 +111,13 @@ def is_shard_source(data_path: Optional[str | os.PathLike]) -> bool:
         first = _first_entry(text)
     except OSError:
         return False
-    return first is not None and first.lower().endswith(SHARD_SUFFIX)
+    return first is not None and (first.lower().endswith(SHARD_SUFFIX) or is_remote(first))
 
 
 def shard_urls(data_path: str | os.PathLike) -> list[str]:
     """The shards ``data_path`` names, in order (brace patterns expanded, list entries resolved);
-    ShardSpecError for an empty list, a list line starting with ``pipe:`` or naming no ``.tar``
-    file, and a missing local shard."""
+    ShardSpecError for a list line starting with ``pipe:`` or naming no ``.tar`` file or URL, and
+    for a missing local shard."""
     text = os.fspath(data_path)
     urls = _listed_shards(text) if _is_list(text) else list(braceexpand.braceexpand(text))
     missing = [url for url in urls if not is_remote(url) and not os.path.isfile(url)]
@@ -138,12 +138,10 @@ def _listed_shards(list_path: str) -> list[str]:
                 raise ShardSpecError(f"line {number} of {list_path} is a command ({entry[:40]}); a shard list names "
                                      "files or http(s) URLs only: give pipe: commands on the command line or in "
                                      "--config")
-            if not entry.lower().endswith(SHARD_SUFFIX):
-                raise ShardSpecError(f"line {number} of {list_path} ({entry[:60]}) is no {SHARD_SUFFIX} shard; a "
-                                     "shard list names one shard per line")
+            if not entry.lower().endswith(SHARD_SUFFIX) and not entry.startswith(URL_SCHEMES):
+                raise ShardSpecError(f"line {number} of {list_path} ({entry[:60]}) is no {SHARD_SUFFIX} file or "
+                                     "http(s) URL; a shard list names one shard per line")
             urls.append(entry if entry.startswith(URL_SCHEMES) else os.path.join(folder, entry))
-    if not urls:
-        raise ShardSpecError(f"{list_path} lists no shards")
     return urls
 
 
