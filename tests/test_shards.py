@@ -1,27 +1,27 @@
 """WebDataset shards: the converter's format, shards written with plain tarfile, the index of local
 and streamed shards, training on them, what is never decoded, bad members and bad shard names."""
+import contextlib
 import io
 import json
 import logging
+import os
 import tarfile
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
 import pretrain
 from conftest import free_port
 from engine.checkpoint import load_checkpoint
-from engine.data import ImageFiles, build_loader, pretrain_transform
 from engine.image_decode import load_rgb_image
 from engine.image_index import NO_LABEL
-from engine.shards import SHARD_INDEX_NAME, ShardIndexCache, is_shard_source, stream_order
+from engine.shards import SHARD_INDEX_NAME, ShardIndexCache, is_shard_source, open_shard, stream_order
 from finetune_helpers import load_finetune_script, make_colour_folder
 from image_folders import make_image_folder
 from reliability.faults import assert_states_equal, finetune_args, pretrain_args
+from shard_ranks import WORLD_SIZE, streamed_labels_on_rank
 from shard_files import convert, image_bytes, piped, unpickling_payload, write_tar
 
 PRETRAIN_KEYS = ("model", "optimizer", "stepper")
@@ -224,20 +224,6 @@ def test_shard_sources_are_told_from_image_lists(tmp_path):
                                      "https://example.invalid/a.tar")))
 
 
-def streamed_labels_on_rank(rank, port, pattern, results):
-    """One epoch of this rank's training loader (2 workers) over streamed shards: its labels."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        index = ShardIndexCache().load_or_build(pattern)
-        loader = build_loader(ImageFiles(index, pretrain_transform(32)), batch_size=2, num_workers=2, seed=3,
-                              rank=rank, world_size=2)
-        loader.sampler.set_epoch(1)
-        results[rank] = [batch[1].tolist() for batch in loader]
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_ranks_on_uneven_streamed_shards_read_every_sample_once_in_equal_steps(tmp_path):
     counts = (5, 1, 7, 0, 4)  # 17 samples; label = the sample's number
@@ -251,8 +237,22 @@ def test_two_ranks_on_uneven_streamed_shards_read_every_sample_once_in_equal_ste
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(streamed_labels_on_rank, args=(free_port(), piped(str(tmp_path / "data-{0..4}.tar")), results),
-                 nprocs=2, join=True)
+                 nprocs=WORLD_SIZE, join=True)
         results = dict(results)
     assert len(results[0]) == len(results[1]) == 17 // 2 // 2, "ranks with different numbers of steps"
     seen = [label for rank in (0, 1) for batch in results[rank] for label in batch]
     assert len(seen) == len(set(seen)) == 16, "a sample read twice, or more dropped than the last one"
+
+
+def test_pipe_commands_run_in_a_session_of_their_own(tmp_path):
+    """A scheduler's SIGTERM to the job's process group must not cut the streams the stop's last
+    batches are read from (also when the training process reads them itself, --num_workers 0)."""
+    shard = write_tar(tmp_path / "data.tar", [("0.jpg", image_bytes(0))])
+    stream = open_shard(f"pipe:cat {shard}; sleep 30")
+    try:
+        assert os.getsid(stream.proc.pid) == stream.proc.pid != os.getsid(0)
+        assert tarfile.open(fileobj=stream, mode="r|").next().name == "0.jpg"
+    finally:
+        stream.proc.kill()
+        with contextlib.suppress(OSError):
+            stream.close()
