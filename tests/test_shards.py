@@ -256,3 +256,27 @@ def test_pipe_commands_run_in_a_session_of_their_own(tmp_path):
         stream.proc.kill()
         with contextlib.suppress(OSError):
             stream.close()
+
+
+def test_visualize_redraws_the_picture_of_a_run_on_streamed_shards(tmp_path):
+    from fcmae.visualize import main as visualize
+
+    pattern = convert(make_image_folder(tmp_path / "photos", classes=2, per_class=3), tmp_path / "shards",
+                      "--shard_size", "4")
+    pretrain.main(pretrain_args(piped(pattern), tmp_path / "out", epochs=1))
+    visualize(["--checkpoint", str(tmp_path / "out" / "checkpoint-1.pth"), "--output", str(tmp_path / "redrawn.png"),
+               "--device", "cpu"])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "redrawn.png")),
+                          np.asarray(Image.open(tmp_path / "out" / "reconstruction.png")))
+
+
+def test_resuming_streamed_shards_with_another_number_of_workers_is_refused(tmp_path, capsys):
+    pattern = convert(make_image_folder(tmp_path / "photos", classes=2, per_class=2), tmp_path / "shards")
+    output = tmp_path / "out"
+    pretrain.main(pretrain_args(piped(pattern), output, epochs=1, workers=1))
+    with pytest.raises(SystemExit) as caught:
+        pretrain.main(pretrain_args(piped(pattern), output, epochs=2, workers=2))
+    assert caught.value.code == 2
+    assert (f"--num_workers 2: checkpoint {output / 'checkpoint-1.pth'} was trained on streamed shards with "
+            "--num_workers 1, and their order depends on it") in capsys.readouterr().err
+    assert not (output / "checkpoint-2.pth").exists()
