@@ -21,7 +21,9 @@ output/finetune_<size>), on rank 0: config.yaml, train.log, metrics.jsonl (one J
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), checkpoint-<epoch>-<updates>.pth
 inside epochs (--save_ckpt_steps / --save_ckpt_minutes), checkpoint-best.pth and
 checkpoint-best-ema.pth (weights of the best top-1 epoch, loadable with --finetune / --resume /
-models.load_pretrained) and TensorBoard events (--log_dir, default <output_dir>/tensorboard).
+models.load_pretrained), shard_index.npz / shard_index_val.npz (the index of WebDataset shards given
+as --data_path / --eval_data_path, reused by the next run; engine.shards) and TensorBoard events
+(--log_dir, default <output_dir>/tensorboard).
 """
 from __future__ import annotations
 
@@ -160,7 +162,8 @@ def _is_file_or_none(path: Optional[str]) -> bool:
 
 FINETUNE_CHECKS = (
     Check("--finetune", lambda a: _is_file_or_none(a.finetune), "no such checkpoint file"),
-    Check("--data_path", lambda a: a.data_path is None or is_shard_source(a.data_path) or not Path(a.data_path).is_file(),
+    Check("--data_path",
+          lambda a: a.data_path is None or is_shard_source(a.data_path) or not Path(a.data_path).is_file(),
           "fine-tuning needs labels, which a file list does not give; pass a folder of class folders "
           "(<root>/train/<class>/<image>, <root>/val/<class>/<image>) or shards with .cls labels"),
     Check("--input_size", lambda a: a.stem_stride != 2 or a.input_size % 16 == 0,

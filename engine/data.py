@@ -20,7 +20,9 @@
   --data_path and the layout that gives labels.
 * ``build_pretraining_images(data_path, input_size, ...)``: pretraining's unlabelled images of
   ``--data_path`` (``pretraining_source``: a file list, ``<data_path>/train``, or the folder in any
-  layout), scanned once per run (``engine.index_cache``), with their normalisation.
+  layout; or WebDataset shards, ``engine.shards``), scanned or indexed once per run
+  (``engine.index_cache``, ``engine.shards.ShardIndexCache``), with their normalisation.
+  ``build_labelled_shards(data_path, transform, ...)``: fine-tuning's samples of shards (``.cls`` labels).
 * ``EmbeddedPhotos(split, input_size, length, transform=None)``: real photographs bundled with
   scikit-image (public domain / CC0), no download needed; see its docstring.
 * ``shutdown_workers(loader)``: stop a loader's persistent workers (end of a training run).
@@ -29,6 +31,8 @@
   shuffle per epoch, also for one process; ``sampler.set_epoch(epoch, skip)`` starts mid-epoch)
   feeding ``SampleSeededDataset``, so every sample's augmentation depends only on
   ``(seed, epoch, index)``; persistent workers. Evaluation: a plain ``DistributedSampler``.
+  Streamed shards: ``ShardStreamSampler`` / ``ShardStreamEvalSampler``, the same interfaces in
+  ``engine.shards.stream_order`` (``reads_streamed_shards(dataset)``).
 * ``to_device(tensor, device)``: a batch's copy to the device, asynchronous only from pinned memory.
 
 Decoding (``to_rgb``, ``load_rgb_image``, ``open_image``, ``UNREADABLE_IMAGE_ERRORS``) lives in
@@ -205,8 +209,8 @@ class ImageFiles(Dataset):
     dataset's size (``engine.image_index``).
     """
 
-    def __init__(self, index: ImageIndex | ShardIndex, transform: Optional[Callable] = None, substitute_unreadable: bool = True,
-                 in_chans: int = 3):
+    def __init__(self, index: ImageIndex | ShardIndex, transform: Optional[Callable] = None,
+                 substitute_unreadable: bool = True, in_chans: int = 3):
         self.index, self.transform, self.in_chans = index, transform, in_chans
         self.substitute_unreadable = substitute_unreadable
         self._unreadable = torch.zeros(len(index), dtype=torch.bool).share_memory_()

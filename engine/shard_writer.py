@@ -95,10 +95,9 @@ def data_path_of(shards: list[Path]) -> str:
     """The ``--data_path`` naming ``shards`` (a brace pattern from the first to the last)."""
     if len(shards) == 1:
         return str(shards[0])
-    first, last = shards[0].name, shards[-1].name
-    stem = first[:-len(SHARD_SUFFIX) - 6]
-    return str(shards[0].parent / f"{stem}{{{first[len(stem):-len(SHARD_SUFFIX)]}..{last[len(stem):-len(SHARD_SUFFIX)]}}}"
-               f"{SHARD_SUFFIX}")
+    first, last = (path.name[:-len(SHARD_SUFFIX)] for path in (shards[0], shards[-1]))
+    stem = first.rsplit("-", 1)[0] + "-"
+    return str(shards[0].parent / f"{stem}{{{first[len(stem):]}..{last[len(stem):]}}}{SHARD_SUFFIX}")
 
 
 def build_parser() -> argparse.ArgumentParser:

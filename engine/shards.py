@@ -247,7 +247,8 @@ class ShardIndex:
     def __init__(self, root: str, urls: list[str], counts: np.ndarray, labels: np.ndarray, extensions: np.ndarray,
                  offsets: np.ndarray, sizes: np.ndarray, classes: tuple[str, ...] = ()):
         self.root, self.urls, self.counts = root, urls, counts
-        self.labels, self.extensions, self.offsets, self.sizes, self.classes = labels, extensions, offsets, sizes, classes
+        self.labels, self.extensions, self.classes = labels, extensions, classes
+        self.offsets, self.sizes = offsets, sizes
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.streamed = any(is_remote(url) for url in urls)
         self._readers_pid = None  # open files and streams belong to the process that opened them
@@ -351,7 +352,8 @@ class ShardStream:
         self.close()
         self.stream = open_shard(self.url)
         tar = tarfile.open(fileobj=self.stream, mode="r|")
-        self.samples, self.next_inner, self.last = tar_samples(tar, lambda member: tar.extractfile(member).read()), 0, None
+        self.samples = tar_samples(tar, lambda member: tar.extractfile(member).read())
+        self.next_inner, self.last = 0, None
 
     def close(self) -> None:
         if self.stream is not None:

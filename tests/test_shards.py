@@ -177,8 +177,8 @@ def test_unusable_shard_names_are_one_error_line_and_nothing_is_written(tmp_path
                                          "names files or http(s) URLs only"),
         "failing command": (piped(str(tmp_path / "missing.tar")), f"cannot read shard pipe:cat {tmp_path}"),
     }[problem]
-    listing.write_text({"empty list": "# shards to come\n", "pipe in a list": "data-000000.tar\npipe:cat data-000000.tar\n"}
-                       .get(problem, ""))
+    lists = {"empty list": "# shards to come\n", "pipe in a list": "data-000000.tar\npipe:cat data-000000.tar\n"}
+    listing.write_text(lists.get(problem, ""))
     output = tmp_path / "out"
     error = error_of(pretrain.main, pretrain_args(data_path, output), output, capsys)
     lines = [line for line in error.splitlines() if "--data_path" in line and "run `" not in line]
