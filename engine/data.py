@@ -65,7 +65,7 @@ from .image_index import NO_LABEL, ImageIndex
 from .index_cache import IndexCache
 from .normalization import NoFittingImageError, Statistics, first_fitting_image, resolve_normalization
 from .seeding import derive_seed
-from .shards import ShardIndex, ShardIndexCache, is_shard_source, stream_order
+from .shards import ShardIndex, ShardIndexCache, is_shard_source, plural, stream_order
 
 _logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def build_pretraining_images(data_path: str | os.PathLike, input_size: int, fast
     """
     if is_shard_source(data_path):
         index = (shard_cache or ShardIndexCache()).load_or_build(os.fspath(data_path))
-        where = f"in {len(index.urls)} shards of {data_path}"
+        where = f"in {plural(len(index.urls), 'shard')} of {data_path}"
     else:
         source = pretraining_source(data_path)
         where = f"listed in {source}" if source.is_file() else f"under {source}"

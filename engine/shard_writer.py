@@ -14,8 +14,9 @@ beside the shards; ``--no-labels`` leaves both out. Samples are shuffled (``--se
 
 The shards are plain POSIX (ustar) tar files of regular members, ``<prefix>-000000.tar``,
 ``<prefix>-000001.tar``, ...: what WebDataset, timm, OpenCLIP and DALI read. Each is written to a
-hidden temporary file and renamed when complete. ``OUT`` must not hold shards of that prefix
-already. The last line printed is the ``--data_path`` that reads them.
+hidden temporary file and renamed when complete; ``shards.txt`` lists them, one a line, and is
+written last: ``--data_path OUT/shards.txt`` reads them all (so does the brace pattern printed).
+``OUT`` must not hold shards already.
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ from .checkpoint import atomic_write
 from .config import BooleanFlag, Check, ConfigError, validate
 from .image_files import IMAGE_EXTENSIONS, is_image_file, read_file_list, scan_class_folders, scan_folder
 from .image_index import ImageIndex
-from .shards import CLASS_LIST_NAME, SHARD_SUFFIX
+from .shards import CLASS_LIST_NAME, SHARD_SUFFIX, plural
 
 KEY_DIGITS = 6
+SHARD_LIST_NAME = "shards.txt"
 
 
 def has_class_folders(root: Path) -> bool:
@@ -115,12 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def holds_shards(folder: Path) -> bool:
+    return (folder / SHARD_LIST_NAME).exists() or any(folder.glob(f"*{SHARD_SUFFIX}"))
+
+
 WRITER_CHECKS = (
     Check("SRC", lambda a: Path(a.SRC).exists(), "no such folder or file"),
     Check("--shard_size", lambda a: a.shard_size >= 1, "must be >= 1 (samples per shard)"),
     Check("--prefix", lambda a: bool(a.prefix) and "/" not in a.prefix, "must be a non-empty file name prefix"),
-    Check("OUT", lambda a: not any(Path(a.OUT).glob(f"{a.prefix}-*{SHARD_SUFFIX}")),
-          "already holds shards of this --prefix; choose another folder or --prefix"),
+    Check("OUT", lambda a: not holds_shards(Path(a.OUT)),
+          f"already holds shards ({SHARD_LIST_NAME} or {SHARD_SUFFIX} files); choose another folder"),
 )
 
 
@@ -141,9 +147,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     if index.labels is not None:
         atomic_write(output / CLASS_LIST_NAME, lambda file: file.write("".join(
             f"{name}\n" for name in index.classes).encode()))
+    listing = atomic_write(output / SHARD_LIST_NAME, lambda file: file.write("".join(
+        f"{path.name}\n" for path in shards).encode()))
     classes = f", {len(index.classes)} classes ({CLASS_LIST_NAME})" if index.labels is not None else ""
-    print(f"wrote {len(index)} samples in {len(shards)} shards to {output}{classes}; read them with "
-          f"--data_path '{data_path_of(shards)}'")
+    print(f"wrote {len(index)} samples in {plural(len(shards), 'shard')} to {output}{classes}; read them with "
+          f"--data_path {listing} (or '{data_path_of(shards)}')")
     return shards
 
 

@@ -215,8 +215,9 @@ class ShardContents:
 
 
 def index_shard(url: str) -> ShardContents:
-    """Read the headers (local) or the whole stream (remote) of shard ``url``. A shard that ends in
-    damage keeps the samples before it (a warning says so); OSError if it cannot be opened."""
+    """Read the headers (local) or the whole stream (remote) of shard ``url``. A shard damaged
+    part-way keeps the samples before the damage (for local shards and errors a warning says so:
+    tarfile takes an invalid header for the end of the archive); OSError if it cannot be opened."""
     contents = ShardContents()
     remote = is_remote(url)
     with contextlib.closing(open_shard(url)) as stream:
@@ -231,6 +232,10 @@ def index_shard(url: str) -> ShardContents:
                     if not remote:
                         contents.offsets.append(sample.image[1][0])
                         contents.sizes.append(sample.image[1][1])
+                if not remote:
+                    stream.seek(tar.offset)
+                    if stream.read(tarfile.BLOCKSIZE).strip(b"\0"):  # not the zero blocks that end an archive
+                        raise tarfile.ReadError(f"no member header at byte {tar.offset}")
         except tarfile.TarError as error:
             _logger.warning("shard %s: damaged after its first %d samples (%s); the rest of it is left out", url,
                             len(contents.labels), error)
@@ -313,6 +318,11 @@ class ShardIndex:
 
 
 def _close(reader) -> None:
+    """Close a file descriptor, stream or ``ShardStream``; a command still writing is killed (it
+    would otherwise be waited for until it noticed the closed pipe)."""
+    process = getattr(reader, "proc", None)
+    if process is not None and process.poll() is None:
+        process.kill()
     with contextlib.suppress(OSError):
         os.close(reader) if isinstance(reader, int) else reader.close()
 
@@ -396,6 +406,10 @@ def build_shard_index(data_path: str, urls: list[str]) -> tuple[ShardIndex, np.n
     return ShardIndex(data_path, urls, counts, **arrays), np.array(stamps, dtype=np.int64).reshape(-1, 2)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _stamp(url: str) -> tuple[int, int]:
     """(mtime_ns, size) of a local shard; (0, 0) for a remote one (taken as unchanged)."""
     if is_remote(url):
@@ -435,11 +449,12 @@ class ShardIndexCache:
         list_path = data_path if _is_list(data_path) else None
         arrays = self._current_arrays(urls)
         if arrays is not None:
-            _logger.info("data: reusing the index of %d shards saved in %s", len(urls), self.path)
+            _logger.info("data: reusing the index of %s saved in %s", plural(len(urls), "shard"), self.path)
             index = ShardIndex(data_path, urls, arrays["counts"], arrays["labels"], arrays["extensions"],
                                arrays["offsets"], arrays["sizes"])
         else:
-            _logger.info("data: indexing %d %s shards", len(urls), "remote" if any(map(is_remote, urls)) else "local")
+            _logger.info("data: indexing %s (%s)", plural(len(urls), "shard"),
+                         "remote" if any(map(is_remote, urls)) else "local")
             index, stamps = build_shard_index(data_path, urls)
             self.pending = {"format": np.array(INDEX_FORMAT), "urls": np.array(urls, dtype=str), "stamps": stamps,
                             "counts": index.counts, "labels": index.labels, "extensions": index.extensions,

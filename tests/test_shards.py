@@ -44,6 +44,7 @@ def test_converter_writes_class_folders_as_plain_tar_shards_with_cls_labels(tmp_
     assert pattern == str(tmp_path / "out" / "data-{000000..000003}.tar")
     assert f"wrote 15 samples in 4 shards to {tmp_path / 'out'}, 3 classes" in capsys.readouterr().out
     assert (tmp_path / "out" / "classes.txt").read_text() == "class_0\nclass_1\nclass_2\n"
+    assert (tmp_path / "out" / "shards.txt").read_text() == "".join(f"data-{number:06d}.tar\n" for number in range(4))
     found, keys = {}, []
     for number in range(4):
         with tarfile.open(tmp_path / "out" / f"data-{number:06d}.tar") as tar:
@@ -161,6 +162,19 @@ def test_members_that_would_be_unpickled_are_never_loaded(tmp_path, stream):
     assert stats["unreadable_images"] == 0
     assert json.loads((tmp_path / "out" / "metrics.jsonl").read_text())["epoch"] == 1
     assert not marker.exists(), "a .pyd/.pickle/.pth member was unpickled"
+
+
+def test_a_shard_damaged_part_way_keeps_the_samples_before_the_damage(tmp_path, caplog):
+    shard = write_tar(tmp_path / "damaged.tar", [(f"{number}.jpg", image_bytes(number)) for number in range(3)])
+    with tarfile.open(shard) as tar:
+        second_header = tar.getmembers()[1].offset
+    with open(shard, "r+b") as file:
+        file.seek(second_header)
+        file.write(b"garbage" * 20)
+    with caplog.at_level(logging.WARNING):
+        index = ShardIndexCache().load_or_build(str(shard))
+    assert len(index) == 1 and np.array_equal(np.asarray(load_rgb_image(index[0])), decoded(image_bytes(0)))
+    assert f"shard {shard}: damaged after its first 1 samples (no member header at byte {second_header})" in caplog.text
 
 
 # ---------------------------------------------------------------- shards named wrongly
