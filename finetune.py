@@ -21,7 +21,9 @@ output/finetune_<size>), on rank 0: config.yaml, train.log, metrics.jsonl (one J
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), checkpoint-<epoch>-<updates>.pth
 inside epochs (--save_ckpt_steps / --save_ckpt_minutes), checkpoint-best.pth and
 checkpoint-best-ema.pth (weights of the best top-1 epoch, loadable with --finetune / --resume /
-models.load_pretrained) and TensorBoard events (--log_dir, default <output_dir>/tensorboard).
+models.load_pretrained), shard_index.npz / shard_index_val.npz (the index of WebDataset shards given
+as --data_path / --eval_data_path, reused by the next run; engine.shards) and TensorBoard events
+(--log_dir, default <output_dir>/tensorboard).
 """
 from __future__ import annotations
 
@@ -39,11 +41,12 @@ from engine.cli import parse_and_validate
 from engine.compat import require_supported_versions
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, config_dict, optional_path, parse_bool)
-from engine.data import build_loader, to_device
+from engine.data import build_loader, reads_streamed_shards, to_device
 from engine.distributed import DistributedInfo
 from engine.eval_transform import build_eval_transform
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
+from engine.shards import SHARD_INDEX_NAME, ShardIndexCache, check_stream_workers, is_shard_source
 from engine.signals import workers_ignore_stop_signals
 from finetune.data import build_datasets
 from finetune.evaluate import evaluate
@@ -59,6 +62,7 @@ _logger = logging.getLogger("finetune")
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIG = CONFIGS / "finetune_demo.yaml"
 DEMO_PRETRAINED = Path("output/pretrain_demo/encoder.safetensors")  # what `python pretrain.py` writes
+VAL_SHARD_INDEX_NAME = "shard_index_val.npz"
 RECIPE_BLR = 6.25e-4  # ConvNeXt V2-Base fine-tuning recipe (the parser's defaults are that recipe)
 ADAMW_BETAS = (0.9, 0.999)
 BEST_CHECKPOINTS = {"model": "checkpoint-best.pth", "ema": "checkpoint-best-ema.pth"}
@@ -159,9 +163,10 @@ def _is_file_or_none(path: Optional[str]) -> bool:
 
 FINETUNE_CHECKS = (
     Check("--finetune", lambda a: _is_file_or_none(a.finetune), "no such checkpoint file"),
-    Check("--data_path", lambda a: a.data_path is None or not Path(a.data_path).is_file(),
+    Check("--data_path",
+          lambda a: a.data_path is None or is_shard_source(a.data_path) or not Path(a.data_path).is_file(),
           "fine-tuning needs labels, which a file list does not give; pass a folder of class folders "
-          "(<root>/train/<class>/<image>, <root>/val/<class>/<image>)"),
+          "(<root>/train/<class>/<image>, <root>/val/<class>/<image>) or shards with .cls labels"),
     Check("--input_size", lambda a: a.stem_stride != 2 or a.input_size % 16 == 0,
           "must be a multiple of 16 (the total stride with --stem_stride 2), e.g. 96"),
     Check("--input_size", lambda a: a.stem_stride != 4 or a.input_size % 32 == 0,
@@ -169,8 +174,10 @@ FINETUNE_CHECKS = (
     Check("--stem_stride", lambda a: a.stem_stride in (None, 4, 2),
           "must be 4 (the paper's stem) or 2 (small images), or left out to take the checkpoint's"),
     Check("--in_chans", lambda a: a.in_chans is None or a.in_chans >= 1, "must be >= 1 (3 for RGB, 1 for grayscale)"),
-    Check("--eval_data_path", lambda a: a.eval_data_path is None or Path(a.eval_data_path).is_dir(),
-          "no such folder; give the validation folder (<path>/<class>/<image> or <path>/val/<class>/<image>)"),
+    Check("--eval_data_path",
+          lambda a: a.eval_data_path is None or is_shard_source(a.eval_data_path) or Path(a.eval_data_path).is_dir(),
+          "no such folder; give the validation folder (<path>/<class>/<image> or <path>/val/<class>/<image>) or "
+          "shards with .cls labels"),
     Check("--nb_classes", lambda a: a.nb_classes is None or a.nb_classes >= 1,
           "must be >= 1, or leave it out to use the number of class folders"),
     Check("--drop_path", lambda a: 0 <= a.drop_path < 1, "must be in [0, 1), e.g. 0.1"),
@@ -245,9 +252,10 @@ def make_loss_fn(mixup_fn, criterion, device: torch.device):
     return classification_loss
 
 
-def make_checkpoint_check(args: argparse.Namespace, num_classes: int, classes: list[str]):
+def make_checkpoint_check(args: argparse.Namespace, num_classes: int, classes: list[str], streamed: bool = False):
     """ConfigError if a checkpoint to resume is pretrain.py's (it starts fine-tuning through
-    --finetune instead) or was made for another class list or head size."""
+    --finetune instead), was made for another class list or head size (or, ``streamed`` shards,
+    another number of loader workers)."""
 
     def check_checkpoint_fits(path, state: dict, advice: str) -> None:
         problem = other_kind_problem(path, state, FINE_TUNING, resumed=args.resume is not None)
@@ -257,6 +265,8 @@ def make_checkpoint_check(args: argparse.Namespace, num_classes: int, classes: l
             raise ConfigError(f"{problem}; {remedy}")
         if "classes" in state:
             check_same_classes(state["classes"], classes, "the checkpoint", "the data", f" (checkpoint {path})")
+        if streamed:
+            check_stream_workers(path, state.get("config", {}), args.num_workers, advice)
         head = state["model"].get("head.fc.weight")
         if head is not None and head.shape[0] != num_classes:
             raise ConfigError(f"checkpoint {path} has a {head.shape[0]}-class head but the model needs {num_classes} "
@@ -304,8 +314,11 @@ def describe_validation(record: dict, best: dict) -> str:
 def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
     train_transform = build_train_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode,
                                             args.recount, args.train_interpolation, fast_decode=args.fast_decode)
+    shard_caches = (ShardIndexCache(Path(args.output_dir) / SHARD_INDEX_NAME),
+                    ShardIndexCache(Path(args.output_dir) / VAL_SHARD_INDEX_NAME))
     train_set, val_set, classes = build_datasets(args, train_transform, build_eval_transform(args.input_size,
-                                                                                             args.crop_pct))
+                                                                                             args.crop_pct),
+                                                 *shard_caches)
     num_classes = resolve_num_classes(args, classes)
     val_loader = build_val_loader(val_set, args, info)
     mixup_fn = build_mixup(num_classes, args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob,
@@ -330,7 +343,9 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
         ema_decay=args.model_ema_decay if args.model_ema else None,
         state=state,
         derived={"num_classes": num_classes},
-        check_checkpoint=make_checkpoint_check(args, num_classes, classes),
+        check_checkpoint=make_checkpoint_check(args, num_classes, classes, reads_streamed_shards(train_set)),
+        # the shard indexes, for the next run
+        outputs_opened=(lambda: [cache.save_pending() for cache in shard_caches]) if info.is_main else None,
         evaluate=evaluate_epoch,
         epoch_summary=lambda record: describe_validation(record, state["best"]),
     )

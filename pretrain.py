@@ -19,11 +19,12 @@ epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num) and checkpoint-<epoch>
 inside epochs (--save_ckpt_steps / --save_ckpt_minutes), encoder.safetensors (encoder weights
 with timm names, for finetune.py or timm) and reconstruction.png (python -m fcmae.visualize redraws it
 from any checkpoint) with each epoch checkpoint, image_index.npz (the images of --data_path, reused
-by the next run while the folder is unchanged; engine.index_cache), and
-TensorBoard events (--log_dir, default <output_dir>/tensorboard).
+by the next run while the folder is unchanged; engine.index_cache) or shard_index.npz (the same for
+WebDataset shards, engine.shards), and TensorBoard events (--log_dir, default <output_dir>/tensorboard).
 
---data_path: a folder of images in any layout (<data_path>/train if there is one), or a text file
-naming one image per line; labels are not used (engine.data.build_pretraining_images).
+--data_path: a folder of images in any layout (<data_path>/train if there is one), a text file
+naming one image per line, or WebDataset shards (a brace pattern of .tar files, a list of them,
+pipe:COMMAND); labels are not used (engine.data.build_pretraining_images).
 """
 from __future__ import annotations
 
@@ -43,13 +44,15 @@ from engine.cli import parse_and_validate
 from engine.compat import require_supported_versions
 from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigError, OfficialFlag, TRAINING_CHECKS,
                            build_training_parser, optional_path)
-from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_pretraining_images, to_device
+from engine.data import (EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_pretraining_images, reads_streamed_shards,
+                         to_device)
 from engine.distributed import DistributedInfo
 from engine.index_cache import INDEX_CACHE_NAME, IndexCache
 from engine.normalization import resolve_normalization
 from engine.logging import TensorBoardWriter
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
+from engine.shards import SHARD_INDEX_NAME, ShardIndexCache, check_stream_workers
 from fcmae.knn_monitor import KNN_MONITOR_CHECKS, build_knn_monitor
 from fcmae.visualize import fixed_visual_batch, save_png, visualize_reconstructions
 from models import BACKENDS, encoder_export_state
@@ -140,12 +143,14 @@ PRETRAIN_CHECKS = (
 )
 
 
-def build_dataset(args: argparse.Namespace, index_cache: Optional[IndexCache] = None):
-    """The images of --data_path (a folder in any layout, ``<data_path>/train``, or a file list;
-    scanned once per run, reused through ``index_cache``), or the embedded photos (announced in the log)."""
+def build_dataset(args: argparse.Namespace, index_cache: Optional[IndexCache] = None,
+                  shard_cache: Optional[ShardIndexCache] = None):
+    """The images of --data_path (a folder in any layout, ``<data_path>/train``, a file list, or
+    WebDataset shards; scanned or indexed once per run, reused through ``index_cache`` /
+    ``shard_cache``), or the embedded photos (announced in the log)."""
     if args.data_path is not None:
         dataset, (mean, std) = build_pretraining_images(args.data_path, args.input_size, args.fast_decode,
-                                                        args.in_chans, args.mean, args.std, index_cache)
+                                                        args.in_chans, args.mean, args.std, index_cache, shard_cache)
         args.mean, args.std = list(mean), list(std)  # stored with the run (config.yaml, checkpoints, export)
         return dataset
     args.mean, args.std = (list(values) for values in resolve_normalization(3))  # the photos: ImageNet's
@@ -223,9 +228,10 @@ def format_values(values) -> str:
     return " ".join(f"{value:.6g}" for value in values)
 
 
-def make_checkpoint_check(args: argparse.Namespace):
+def make_checkpoint_check(args: argparse.Namespace, streamed: bool = False):
     """ConfigError if a checkpoint to resume is finetune.py's (a classifier, not an FCMAE), or was
-    trained with another stem stride or channel count."""
+    trained with another stem stride or channel count (or, ``streamed`` shards, another number of
+    loader workers)."""
 
     def check_checkpoint_fits(path, state: dict, advice: str) -> None:
         problem = other_kind_problem(path, state, PRETRAINING, resumed=args.resume is not None)
@@ -234,6 +240,8 @@ def make_checkpoint_check(args: argparse.Namespace):
                       "this one)" if args.resume else "pretrain into another --output_dir")
             raise ConfigError(f"{problem}; {remedy}")
         saved = state.get("config", {})
+        if streamed:
+            check_stream_workers(path, saved, args.num_workers, advice)
         for flag, default in (("stem_stride", DEFAULT_STEM_STRIDE), ("in_chans", DEFAULT_IN_CHANS)):
             value = saved.get(flag, default)
             if value != getattr(args, flag):
@@ -251,7 +259,8 @@ def make_checkpoint_check(args: argparse.Namespace):
 
 def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
     index_cache = IndexCache(Path(args.output_dir) / INDEX_CACHE_NAME)
-    dataset = build_dataset(args, index_cache)
+    shard_cache = ShardIndexCache(Path(args.output_dir) / SHARD_INDEX_NAME)
+    dataset = build_dataset(args, index_cache, shard_cache)
     return Task(
         train_set=dataset,
         build_model=lambda: build_model(args),
@@ -260,11 +269,12 @@ def build_task(args: argparse.Namespace, info: DistributedInfo) -> Task:
         recipe_blr=RECIPE_BLR,
         adamw_betas=ADAMW_BETAS,
         description=f"{args.model} ({args.backend} backend, stem stride {args.stem_stride}, {args.in_chans} channels)",
-        check_checkpoint=make_checkpoint_check(args),
+        check_checkpoint=make_checkpoint_check(args, reads_streamed_shards(dataset)),
         # python -m fcmae.visualize redraws the same picture from a checkpoint
         export=make_export(args, fixed_visual_batch(dataset, args.input_size, info.device, in_chans=args.in_chans,
                                                     mean=args.mean, std=args.std)) if info.is_main else None,
-        outputs_opened=index_cache.save_pending if info.is_main else None,  # the scan, for the next run
+        # the scan or the shard index, for the next run
+        outputs_opened=(lambda: (index_cache.save_pending(), shard_cache.save_pending())) if info.is_main else None,
         evaluate=make_knn_evaluation(args, info),
         epoch_summary=lambda record: f"knn_top1 {record['knn_top1']:.2f}%" if "knn_top1" in record else "",
     )

@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
 import models  # noqa: E402,F401  (first: installs the torchvision guard before timm is imported)
 from benchmarks.pretrain_speed import (machine_info, parse_with_smoke_defaults, resolve_backends_and_device,  # noqa: E402
@@ -123,13 +124,12 @@ def write_jpegs(folder: Path, count: int, sizes: list[int], seed: int) -> dict:
 
 
 class PipelinePath:
-    """The training loader of one path (workers, decoding); ``images_per_s(seconds)`` times it.
+    """The training loader of one path (a dataset, workers); ``images_per_s(seconds)`` times it.
 
     Workers are persistent: they start (and the first batch is waited for) before the first timing.
     """
 
-    def __init__(self, root: Path, input_size: int, batch_size: int, num_workers: int, fast_decode: bool, seed: int):
-        dataset = build_image_folder(root, "train", pretrain_transform(input_size, fast_decode))
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int):
         self.batch_size = batch_size
         self.loader = build_loader(dataset, batch_size, num_workers, seed)
         self.epoch = 0
@@ -184,8 +184,8 @@ def decode_images_per_s(paths: list[Path], seconds: float) -> tuple[float, float
 
 def time_pipeline(root: Path, args: argparse.Namespace) -> list[dict]:
     """Median images/s of every path in ``PATHS`` and of decoding alone, timed round-robin."""
-    pipelines = [PipelinePath(root, args.input_size, args.batch_size, workers, fast, args.seed)
-                 for _, workers, fast in PATHS]
+    pipelines = [PipelinePath(build_image_folder(root, "train", pretrain_transform(args.input_size, fast)),
+                              args.batch_size, workers, args.seed) for _, workers, fast in PATHS]
     paths = sorted((root / "photos").glob("*.jpg"))
     speeds: list[list[tuple[float, float]]] = [[] for _ in range(len(PATHS) + 1)]
     try:
@@ -290,11 +290,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     report = format_report(info, jpegs, args, pipeline, steps)
     print(report)
     results = {"machine": info, "jpegs": jpegs, "pipeline": pipeline, "steps": steps}
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report + "\n")
-        args.output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    save_report(args.output, report, results)
     return results
+
+
+def save_report(output: Optional[Path], report: str, results: dict) -> None:
+    """Write ``report`` (markdown) to ``output`` and ``results`` as JSON beside it (None: nothing)."""
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report + "\n")
+        output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@
 * ``index_cache``  one scan per run (rank 0), reused while the folder is unchanged.
 * ``image_decode`` decoding files for 1, 3 or N channels; what counts as unreadable.
 * ``normalization`` per-channel mean/std: ImageNet's, given, or measured on the data.
-* ``data``         datasets that skip unreadable files (any folder, class folders, file lists),
+* ``shards``       WebDataset shards: naming them (brace patterns, shard lists, ``pipe:`` commands), their
+                   index (local shards read at random, remote ones streamed), the order of streamed shards.
+* ``shard_writer`` ``python -m engine.shard_writer SRC OUT``: a folder or file list written as shards.
+* ``data``         datasets that skip unreadable files (any folder, class folders, file lists, shards),
                    transforms for N channels, embedded photos, per-sample seeded and resumable
                    distributed loaders, fast JPEG decoding.
 * ``class_folders`` labels = sorted class folder names; two splits must have the same folders.

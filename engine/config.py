@@ -53,6 +53,7 @@ from .compat import set_tf32
 from .distributed import device_problem
 from .errors import ConfigError
 from .progress import DEFAULT_MAX_SKIPPED_IN_ROW
+from .shards import is_shard_source
 
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -249,8 +250,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", type=str, default=None,
                       help="pretraining: a folder of images in any layout (<root>/train if present), or a text "
-                           "file listing image paths; fine-tuning: class folders (<root>/train/<class>/*.jpg) "
-                           "(default: the demo on embedded scikit-image photos)")
+                           "file listing image paths; fine-tuning: class folders (<root>/train/<class>/*.jpg); "
+                           "both: WebDataset shards ('train-{000000..000099}.tar', a list of shards, "
+                           "'pipe:COMMAND') (default: the demo on embedded scikit-image photos)")
     data.add_argument("--embedded_samples", type=int, default=256,
                       help="random crops per epoch from the embedded photos (only without --data_path)")
     data.add_argument("--num_workers", type=int, default=None,
@@ -551,9 +553,10 @@ TRAINING_CHECKS: tuple[Check, ...] = (
           "must be >= 1 (updates in a row skipped for inf/NaN gradients before the run stops)"),
     Check("--clip_grad", lambda a: a.clip_grad is None or a.clip_grad > 0,
           "must be > 0 (leave it out for no clipping)"),
-    Check("--data_path", lambda a: a.data_path is None or Path(a.data_path).exists(),
-          "no such folder or file; give a folder of images, an ImageNet-style root (<root>/train/<class>/*.jpg) "
-          "or a text file listing images, or leave it out for the embedded photos"),
+    Check("--data_path", lambda a: a.data_path is None or is_shard_source(a.data_path) or Path(a.data_path).exists(),
+          "no such folder or file; give a folder of images, an ImageNet-style root (<root>/train/<class>/*.jpg), "
+          "a text file listing images, or WebDataset shards (train-{000000..000099}.tar, pipe:COMMAND), or leave it "
+          "out for the embedded photos"),
     Check("--embedded_samples", lambda a: a.embedded_samples >= 1, "must be >= 1"),
     Check("--num_workers", lambda a: a.num_workers is None or a.num_workers >= 0,
           "must be >= 0 (0 loads data in the main process; leave it out for a value fitting this machine)"),

@@ -20,7 +20,9 @@
   --data_path and the layout that gives labels.
 * ``build_pretraining_images(data_path, input_size, ...)``: pretraining's unlabelled images of
   ``--data_path`` (``pretraining_source``: a file list, ``<data_path>/train``, or the folder in any
-  layout), scanned once per run (``engine.index_cache``), with their normalisation.
+  layout; or WebDataset shards, ``engine.shards``), scanned or indexed once per run
+  (``engine.index_cache``, ``engine.shards.ShardIndexCache``), with their normalisation.
+  ``build_labelled_shards(data_path, transform, ...)``: fine-tuning's samples of shards (``.cls`` labels).
 * ``EmbeddedPhotos(split, input_size, length, transform=None)``: real photographs bundled with
   scikit-image (public domain / CC0), no download needed; see its docstring.
 * ``shutdown_workers(loader)``: stop a loader's persistent workers (end of a training run).
@@ -29,6 +31,8 @@
   shuffle per epoch, also for one process; ``sampler.set_epoch(epoch, skip)`` starts mid-epoch)
   feeding ``SampleSeededDataset``, so every sample's augmentation depends only on
   ``(seed, epoch, index)``; persistent workers. Evaluation: a plain ``DistributedSampler``.
+  Streamed shards: ``ShardStreamSampler`` / ``ShardStreamEvalSampler``, the same interfaces in
+  ``engine.shards.stream_order`` (``reads_streamed_shards(dataset)``).
 * ``to_device(tensor, device)``: a batch's copy to the device, asynchronous only from pinned memory.
 
 Decoding (``to_rgb``, ``load_rgb_image``, ``open_image``, ``UNREADABLE_IMAGE_ERRORS``) lives in
@@ -61,6 +65,7 @@ from .image_index import NO_LABEL, ImageIndex
 from .index_cache import IndexCache
 from .normalization import NoFittingImageError, Statistics, first_fitting_image, resolve_normalization
 from .seeding import derive_seed
+from .shards import ShardIndex, ShardIndexCache, is_shard_source, plural, stream_order
 
 _logger = logging.getLogger(__name__)
 
@@ -186,7 +191,8 @@ class _Samples(Sequence[tuple[str, int]]):
 
 
 class ImageFiles(Dataset):
-    """The images of an ``ImageIndex`` -> (image, label), skipping unreadable files.
+    """The images of an ``ImageIndex`` -> (image, label), skipping unreadable files. (An
+    ``engine.shards.ShardIndex`` has the same interface: the samples of WebDataset shards.)
 
     ``image`` is ``transform`` of what ``engine.image_decode.image_loader(in_chans)`` makes of the
     file: an RGB PIL image for 3 channels (opened, not decoded, for a transform that decodes files
@@ -203,8 +209,8 @@ class ImageFiles(Dataset):
     dataset's size (``engine.image_index``).
     """
 
-    def __init__(self, index: ImageIndex, transform: Optional[Callable] = None, substitute_unreadable: bool = True,
-                 in_chans: int = 3):
+    def __init__(self, index: ImageIndex | ShardIndex, transform: Optional[Callable] = None,
+                 substitute_unreadable: bool = True, in_chans: int = 3):
         self.index, self.transform, self.in_chans = index, transform, in_chans
         self.substitute_unreadable = substitute_unreadable
         self._unreadable = torch.zeros(len(index), dtype=torch.bool).share_memory_()
@@ -247,7 +253,7 @@ class ImageFiles(Dataset):
             return None
         path, loader = self.index.path(position), image_loader(self.in_chans, decodes_files(self.transform))
         try:
-            image = loader(path)
+            image = loader(self.index[position])  # the path, or a shard member's bytes (engine.shards)
         except UNREADABLE_IMAGE_ERRORS as error:
             return self._record_unreadable(position, path, error)
         try:
@@ -312,6 +318,20 @@ def build_image_folder(data_path: str | os.PathLike, split: str, transform: Call
         ) from error
 
 
+def build_labelled_shards(data_path: str | os.PathLike, transform: Callable, substitute_unreadable: bool = True,
+                          shard_cache: Optional[ShardIndexCache] = None, flag: str = "--data_path") -> ImageFiles:
+    """The labelled samples of the WebDataset shards ``data_path`` names (label: a sample's ``.cls``;
+    class names: ``engine.shards.read_classes``); ConfigError naming ``flag`` if there is no
+    sample, or a sample without a label."""
+    index = (shard_cache or ShardIndexCache()).load_or_build(os.fspath(data_path), flag)
+    unlabelled = int((index.labels < 0).sum())
+    if not len(index) or unlabelled:
+        found = f"{unlabelled} of {len(index)} samples have no .cls label" if len(index) else "no image samples"
+        raise ConfigError(f"{flag} {data_path}: {found}; labels come from a .cls member per sample (python -m "
+                          "engine.shard_writer writes them from class folders)")
+    return ImageFiles(index, transform, substitute_unreadable)
+
+
 def pretraining_source(data_path: str | os.PathLike) -> Path:
     """What pretraining reads for ``--data_path``: the file itself (a list of images), else
     ``<data_path>/train`` if that folder exists, else the folder (searched recursively)."""
@@ -321,36 +341,44 @@ def pretraining_source(data_path: str | os.PathLike) -> Path:
 
 def build_pretraining_images(data_path: str | os.PathLike, input_size: int, fast_decode: bool = False,
                              in_chans: int = 3, mean: Optional[Sequence[float]] = None,
-                             std: Optional[Sequence[float]] = None, index_cache: Optional[IndexCache] = None
-                             ) -> tuple[ImageFiles, Statistics]:
-    """Pretraining's images of ``--data_path`` (``pretraining_source``; labels ignored) with
-    ``pretrain_transform``, and the (mean, std) it normalises with (``resolve_normalization``:
-    given, ImageNet's for 3 channels, else measured; store them with the run).
+                             std: Optional[Sequence[float]] = None, index_cache: Optional[IndexCache] = None,
+                             shard_cache: Optional[ShardIndexCache] = None) -> tuple[ImageFiles, Statistics]:
+    """Pretraining's images of ``--data_path`` (``pretraining_source``, or WebDataset shards:
+    ``engine.shards.is_shard_source``; labels ignored) with ``pretrain_transform``, and the
+    (mean, std) it normalises with (``resolve_normalization``: given, ImageNet's for 3 channels,
+    else measured; store them with the run).
 
-    The folder is scanned, or the list read, once per run: on rank 0, or reused from
-    ``index_cache`` (``engine.index_cache``). ConfigError naming --data_path if there is no image,
-    or if none of the files checked has (or converts to) ``in_chans`` channels.
+    The folder is scanned, the list read or the shards indexed once per run: on rank 0, or reused
+    from ``index_cache`` (``engine.index_cache``) or ``shard_cache``. ConfigError naming
+    --data_path if there is no image, or if none of the files checked has (or converts to)
+    ``in_chans`` channels.
     """
-    source = pretraining_source(data_path)
-    where = f"listed in {source}" if source.is_file() else f"under {source}"
-    try:
-        scan = (index_cache or IndexCache()).load_or_scan(source)
-    except OSError as error:
-        raise ConfigError(f"--data_path {data_path}: cannot read {source} ({error})") from error
-    if scan.skipped_count:
-        _logger.info("data: %s %s", describe_skipped(scan), where)
-    if not len(scan.index):
+    if is_shard_source(data_path):
+        index = (shard_cache or ShardIndexCache()).load_or_build(os.fspath(data_path))
+        where = f"in {plural(len(index.urls), 'shard')} of {data_path}"
+    else:
+        source = pretraining_source(data_path)
+        where = f"listed in {source}" if source.is_file() else f"under {source}"
+        try:
+            scan = (index_cache or IndexCache()).load_or_scan(source)
+        except OSError as error:
+            raise ConfigError(f"--data_path {data_path}: cannot read {source} ({error})") from error
+        if scan.skipped_count:
+            _logger.info("data: %s %s", describe_skipped(scan), where)
+        index = scan.index
+    if not len(index):
         raise ConfigError(f"--data_path {data_path}: no images {where}; expected image files "
-                          f"({' '.join(IMAGE_EXTENSIONS)}) in any folder layout, or a text file naming one per line")
+                          f"({' '.join(IMAGE_EXTENSIONS)}) in any folder layout, a text file naming one per line, "
+                          "or WebDataset shards")
     try:
         with contextlib.suppress(UnreadableDatasetError):  # training names each unreadable file, stops if all are
-            first_fitting_image(scan.index, in_chans)
-        normalization = resolve_normalization(in_chans, mean, std, scan.index)
+            first_fitting_image(index, in_chans)
+        normalization = resolve_normalization(in_chans, mean, std, index)
     except NoFittingImageError as error:
         raise ConfigError(f"--data_path {data_path}: {error}; set --in_chans to the channels of the files") from error
-    _logger.info("data: %d images %s (%d channels)", len(scan.index), where, in_chans)
+    _logger.info("data: %d images %s (%d channels)", len(index), where, in_chans)
     transform = pretrain_transform(input_size, fast_decode, in_chans, *normalization)
-    return ImageFiles(scan.index, transform, in_chans=in_chans), normalization
+    return ImageFiles(index, transform, in_chans=in_chans), normalization
 
 
 # name -> loader of a natural colour photograph shipped inside scikit-image (no download)
@@ -477,6 +505,42 @@ class ResumableDistributedSampler(DistributedSampler):
         return ((epoch, int(index)) for index in mine)
 
 
+class ShardStreamSampler(ResumableDistributedSampler):
+    """``ResumableDistributedSampler`` for streamed shards (``ShardIndex.streamed``): the same
+    counts, ``(epoch, index)`` pairs and ``set_epoch(epoch, skip)``, in ``engine.shards.stream_order``:
+    the shards shuffled by (seed, epoch), this rank's contiguous share cut into ``streams`` parts,
+    one per loader worker."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, batch_size: int, streams: int):
+        super().__init__(dataset, num_replicas, rank, seed)
+        self.batch_size, self.streams = batch_size, streams
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        counts = self.dataset.index.counts
+        shards = torch.randperm(len(counts), generator=torch.Generator().manual_seed(self.seed + self.epoch)).numpy()
+        order = stream_order(counts, shards, self.rank, self.num_replicas, self.batch_size, self.streams, True)
+        epoch = self.epoch
+        return ((epoch, int(index)) for index in order[self.skip:])
+
+
+class ShardStreamEvalSampler(DistributedSampler):
+    """``DistributedSampler(shuffle=False)`` for streamed shards: each rank's ``len(range(rank, N,
+    world_size))`` samples as one contiguous run of the shards in order, one part per loader worker
+    (``engine.shards.stream_order``), then the padding. The same counts as ``DistributedSampler``,
+    so the evaluation still counts each sample once."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, batch_size: int, streams: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.batch_size, self.streams = batch_size, streams
+
+    def __iter__(self) -> Iterator[int]:
+        counts = self.dataset.index.counts
+        order = stream_order(counts, np.arange(len(counts)), self.rank, self.num_replicas, self.batch_size,
+                             self.streams, False)
+        padding = np.resize(order if len(order) else np.zeros(1, dtype=np.int64), self.num_samples - len(order))
+        return iter(np.concatenate([order, padding]).tolist())
+
+
 class SampleSeededDataset(Dataset):
     """``dataset`` indexed by ``(epoch, index)``: item ``index`` loaded with the CPU RNGs seeded from
     ``derive_seed(seed, epoch, index)``.
@@ -499,6 +563,11 @@ class SampleSeededDataset(Dataset):
             return self.dataset[index]
 
 
+def reads_streamed_shards(dataset: Dataset) -> bool:
+    """Whether ``dataset`` reads remote shards in order (``engine.shards.ShardIndex.streamed``)."""
+    return bool(getattr(getattr(dataset, "index", None), "streamed", False))
+
+
 TRAIN_PREFETCH_FACTOR = 2  # batches queued per worker: num_workers * 2 in flight; more only costs shared memory
 
 
@@ -519,18 +588,23 @@ def build_loader(
     ``sampler.set_epoch(epoch, skip)``) over ``SampleSeededDataset(dataset, seed)``, incomplete batches
     dropped, persistent workers (started once, not every epoch: the per-sample seeding makes their
     own RNG state irrelevant). Otherwise in order, nothing dropped (the sampler pads ranks to equal
-    length by repeating items), workers started per pass. ``pin_memory`` None: pinned on CUDA only.
+    length by repeating items), workers started per pass. Streamed shards (``engine.shards``) take
+    ``ShardStreamSampler`` / ``ShardStreamEvalSampler`` instead, with one stream per worker.
+    ``pin_memory`` None: pinned on CUDA only.
     """
     if pin_memory is None:
         pin_memory = device.type == "cuda"
+    streamed, streams = reads_streamed_shards(dataset), max(num_workers, 1)
     if not train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        sampler = ShardStreamEvalSampler(dataset, world_size, rank, batch_size, streams) if streamed else \
+            DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                           pin_memory=pin_memory)
+    sampler = ShardStreamSampler(dataset, world_size, rank, seed, batch_size, streams) if streamed else \
+        ResumableDistributedSampler(dataset, world_size, rank, seed)
     workers_kwargs = dict(persistent_workers=True, prefetch_factor=TRAIN_PREFETCH_FACTOR) if num_workers > 0 else {}
-    return DataLoader(SampleSeededDataset(dataset, seed), batch_size=batch_size,
-                      sampler=ResumableDistributedSampler(dataset, world_size, rank, seed), num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True,
+    return DataLoader(SampleSeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
                       generator=torch.Generator().manual_seed(seed),  # worker base seeds: not from the global RNG
                       **workers_kwargs)
 

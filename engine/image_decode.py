@@ -15,10 +15,14 @@ of ``UNREADABLE_IMAGE_ERRORS`` (datasets skip and count it).
   A file whose channels cannot be brought to ``in_chans`` raises ``ChannelMismatchError``.
 * ``image_loader(in_chans, opened)``: path -> what the transforms take (an RGB PIL image for 3
   channels, else the tensor of ``decode_channels``).
+
+Every function taking a path also takes a ``NamedBytes``: a file's bytes with its name (a tar
+member of a WebDataset shard, ``engine.shards``); the name's extension says how to decode it.
 """
 from __future__ import annotations
 
 import functools
+import io
 import os
 from typing import Callable
 
@@ -48,8 +52,20 @@ class UnreadableDatasetError(RuntimeError):
     """No file of a dataset (or of the sample checked) is readable."""
 
 
-def is_array_file(path: str | os.PathLike) -> bool:
-    return os.fspath(path).lower().endswith(ARRAY_SUFFIX)
+class NamedBytes(io.BytesIO):
+    """The bytes of an image file and its name (e.g. ``shard.tar:17.jpg``), read wherever a path is."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def is_array_file(path: str | os.PathLike | NamedBytes) -> bool:
+    name = path.name if isinstance(path, NamedBytes) else os.fspath(path)
+    return name.lower().endswith(ARRAY_SUFFIX)
 
 
 def full_scale(image: Image.Image, values: np.ndarray) -> float:

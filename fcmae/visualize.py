@@ -26,8 +26,9 @@ checkpoint, seed and device it equals that epoch's ``reconstruction.png`` pixel 
 Model, input size, mask ratio, seed, ``norm_pix_loss`` and backend default to the values saved
 in the checkpoint; the stem stride (mask patch 32 or 16) and channel count come from its
 weights. Image selection (``fixed_visual_batch``): up to 8 images spread evenly over the sorted
-file list (folders are searched recursively, ImageFolder order), each resized (short side) and
-center-cropped to ``--input_size``; the mask is the model's own, drawn from ``--seed``.
+file list (folders are searched recursively, ImageFolder order; WebDataset shards: their samples
+in order), each resized (short side) and center-cropped to ``--input_size``; the mask is the
+model's own, drawn from ``--seed``.
 """
 from __future__ import annotations
 
@@ -415,6 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     from engine.distributed import choose_device
     from engine.index_cache import INDEX_CACHE_NAME, IndexCache
     from engine.logging import setup_logging
+    from engine.shards import SHARD_INDEX_NAME, ShardIndexCache, is_shard_source
 
     parser = build_parser()
     require_supported_versions(parser.prog)
@@ -432,6 +434,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         mean, std = config.get("mean") or IMAGENET_DEFAULT_MEAN, config.get("std") or IMAGENET_DEFAULT_STD
         if args.images is not None:
             source, described = image_paths(args.images), " ".join(args.images)
+        elif is_shard_source(config.get("data_path")):  # the run's shard index, reused while the shards are unchanged
+            source = ShardIndexCache(Path(args.checkpoint).parent / SHARD_INDEX_NAME).load_or_build(config["data_path"])
+            described = f"the run's --data_path ({config['data_path']})"
         elif config.get("data_path"):  # the run's scan, reused while the data is unchanged
             data = pretraining_source(config["data_path"])
             source = IndexCache(Path(args.checkpoint).parent / INDEX_CACHE_NAME).load_or_scan(data).index

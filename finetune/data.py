@@ -1,4 +1,4 @@
-"""Labelled data for fine-tuning: train/val image folders, or the embedded photos.
+"""Labelled data for fine-tuning: train/val image folders or WebDataset shards, or the embedded photos.
 
 Folders: training images under ``<data_path>/train`` (or ``<data_path>`` itself when it holds
 the class folders), validation images under ``<eval_data_path>/val`` or ``<eval_data_path>``,
@@ -6,6 +6,11 @@ else ``<data_path>/val``. Both splits must have the same class folders: a label 
 of its folder name in sorted order, so a class missing from one split would silently shift
 every later label. Images outside class folders, or a file list, give no labels: such a
 ``--data_path`` is a configuration error naming the layout expected.
+
+Shards (``engine.shards``: a brace pattern of ``.tar`` files, a list of them, ``pipe:COMMAND``),
+for ``--data_path`` and/or ``--eval_data_path``: labels from each sample's ``.cls``, class names
+from ``classes.txt`` beside the shards (else the label numbers); the two splits' class names
+must match as for folders.
 
 Without ``--data_path``: engine's ``EmbeddedPhotos`` (8 scikit-image photographs, label = which
 photo), training and validation crops drawn with different seeds.
@@ -21,7 +26,9 @@ from torch.utils.data import Dataset
 
 from engine.class_folders import check_same_classes
 from engine.config import ConfigError
-from engine.data import EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, resolve_image_root
+from engine.data import (EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_image_folder, build_labelled_shards,
+                         resolve_image_root)
+from engine.shards import ShardIndexCache, is_shard_source
 
 _logger = logging.getLogger(__name__)
 
@@ -36,9 +43,11 @@ def validation_root(data_path: Optional[str], eval_data_path: Optional[str]) -> 
                       "or pass --eval_data_path /path/to/val")
 
 
-def build_datasets(args: argparse.Namespace, train_transform: Optional[Callable],
-                   eval_transform: Callable) -> tuple[Optional[Dataset], Dataset, list[str]]:
-    """(train dataset or None when ``train_transform`` is None, val dataset, class names)."""
+def build_datasets(args: argparse.Namespace, train_transform: Optional[Callable], eval_transform: Callable,
+                   train_cache: Optional[ShardIndexCache] = None, val_cache: Optional[ShardIndexCache] = None
+                   ) -> tuple[Optional[Dataset], Dataset, list[str]]:
+    """(train dataset or None when ``train_transform`` is None, val dataset, class names); shard
+    indexes are reused through ``train_cache`` / ``val_cache``."""
     if args.data_path is None and args.eval_data_path is None:
         _logger.info("No --data_path given: demo run on the %d embedded scikit-image photos (%s); label = which "
                      "photo, %d training and %d validation crops of %d px. For real fine-tuning pass "
@@ -49,15 +58,19 @@ def build_datasets(args: argparse.Namespace, train_transform: Optional[Callable]
         val = EmbeddedPhotos("val", args.input_size, embedded_val_samples(args), eval_transform)
         return train, val, list(val.classes)
 
-    val_root = validation_root(args.data_path, args.eval_data_path)
-    val = build_image_folder(val_root, "val", eval_transform, substitute_unreadable=False)  # no image counted twice
+    if is_shard_source(args.eval_data_path):
+        val = build_labelled_shards(args.eval_data_path, eval_transform, False, val_cache, "--eval_data_path")
+    else:  # substitute_unreadable=False: no image counted twice
+        val = build_image_folder(validation_root(args.data_path, args.eval_data_path), "val", eval_transform,
+                                 substitute_unreadable=False)
     if train_transform is None:
         _logger.info("validation: %d images in %d classes under %s", len(val), len(val.classes), val.root)
         return None, val, list(val.classes)
     if args.data_path is None:
         raise ConfigError("--data_path is required for training (--eval_data_path alone is enough only with --eval)")
-    train = build_image_folder(args.data_path, "train", train_transform)
-    check_same_classes(train.classes, val.classes, "train", "val", f" ({len(train.classes)} class folders in "
+    train = build_labelled_shards(args.data_path, train_transform, shard_cache=train_cache) \
+        if is_shard_source(args.data_path) else build_image_folder(args.data_path, "train", train_transform)
+    check_same_classes(train.classes, val.classes, "train", "val", f" ({len(train.classes)} classes in "
                        f"{train.root}, {len(val.classes)} in {val.root})")
     _logger.info("data: %d training images under %s, %d validation images under %s, %d classes",
                  len(train), train.root, len(val), val.root, len(train.classes))
