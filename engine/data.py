@@ -59,7 +59,7 @@ from torchvision.transforms import InterpolationMode
 
 from .config import ConfigError
 from .image_decode import (UNREADABLE_IMAGE_ERRORS, UnreadableDatasetError, UnreadableImageError,  # noqa: F401
-                           image_loader, load_rgb_image, open_image, to_rgb)
+                           image_loader, to_rgb)
 from .image_files import IMAGE_EXTENSIONS, describe_skipped, scan_class_folders
 from .image_index import NO_LABEL, ImageIndex
 from .index_cache import IndexCache

@@ -54,7 +54,8 @@ import models
 from models.convnextv2 import DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE
 from engine.checkpoint import atomic_write, save_safetensors
 from engine.config import TrainingArgumentParser
-from engine.data import ImageFolderSkippingUnreadable, load_rgb_image
+from engine.data import ImageFolderSkippingUnreadable
+from engine.image_decode import load_rgb_image
 from engine.compat import require_supported_versions
 from engine.distributed import choose_device
 from engine.embeddings import extract_pooled, extract_pooled_and_stages, extract_stages

@@ -8,7 +8,7 @@ import torch
 from conftest import randomize_grn
 
 import models
-from engine.data import load_rgb_image
+from engine.image_decode import load_rgb_image
 from engine.embeddings import extract_pooled, extract_stages
 from engine.eval_transform import build_eval_transform
 from finetune.features import FeatureExtractor, load_features, main, save_features
