@@ -83,8 +83,9 @@ class Task:
     ``epoch_summary(record)`` adds them to the epoch's log line. ``export(model, record,
     trackers)`` runs on rank 0 with each epoch checkpoint (and once at the end of a run that
     trained nothing): ``record`` is the epoch's metrics record ("epoch": epochs done, "updates":
-    optimizer updates done, the trackers' step), ``trackers`` the run's ``engine.trackers.Trackers``. ``outputs_opened()`` runs once the run has started and ``--output_dir``
-    exists (e.g. to save the scan of the data for the next run). ``prepare_weights(model,
+    optimizer updates done, the trackers' step), ``trackers`` the run's ``engine.trackers.Trackers``.
+    ``outputs_opened()`` runs once the run has started and ``--output_dir`` exists (e.g. to save
+    the scan of the data for the next run). ``prepare_weights(model,
     resumed_from)`` runs on every rank once the checkpoint to resume (its path, or None for a
     fresh start) is loaded: e.g. initialise a fresh start from earlier weights.
     """

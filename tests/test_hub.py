@@ -78,11 +78,11 @@ def folders(tmp_path_factory):
 
     make_colour_folder(root / "labelled" / "train", classes=("red", "green", "blue"), per_class=2, size=40)
     make_colour_folder(root / "labelled" / "val", classes=("red", "green", "blue"), per_class=1, size=40, seed=1)
-    load_finetune_script().main(["--model", "convnextv2_atto", "--finetune", str(root / "pretrain" / "encoder.safetensors"),
-                                 "--data_path", str(root / "labelled"), "--output_dir", str(root / "finetune"),
-                                 "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
-                                 "--num_workers", "0", "--no-model_ema", "--no-model_ema_eval", "--mixup", "0", "--cutmix", "0",
-                                 "--crop_pct", "0.9"])
+    load_finetune_script().main([
+        "--model", "convnextv2_atto", "--finetune", str(root / "pretrain" / "encoder.safetensors"),
+        "--data_path", str(root / "labelled"), "--output_dir", str(root / "finetune"), "--input_size", "32",
+        "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--no-model_ema",
+        "--no-model_ema_eval", "--mixup", "0", "--cutmix", "0", "--crop_pct", "0.9"])
     classifier = models.load_pretrained("convnextv2_atto", root / "finetune" / "checkpoint-best.pth", num_classes=3)
 
     channels = models.create_dense_model("convnextv2_atto", in_chans=5, num_classes=0)

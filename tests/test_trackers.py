@@ -87,8 +87,9 @@ def first_run(tmp_path_factory):
         pretrain.main(run_args(root, 2))
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("fcmae-tests").experiment_id])
-    return {"root": root, "wandb": wandb_runs(root / "out"), "tensorboard": tensorboard_scalars(root / "out" / "tensorboard"),
-            "mlflow": mlflow_metrics(root), "mlflow_run": run,
+    return {"root": root, "wandb": wandb_runs(root / "out"),
+            "tensorboard": tensorboard_scalars(root / "out" / "tensorboard"), "mlflow": mlflow_metrics(root),
+            "mlflow_run": run,
             "mlflow_artifacts": [item.path for item in client.list_artifacts(run.info.run_id)],
             "mlflow_images": [item.path for item in client.list_artifacts(run.info.run_id, "images")]}
 
@@ -230,7 +231,8 @@ def test_without_wandb_and_mlflow_installed_the_flags_stop_at_start_up_and_runs_
 
     plain = run("plain")
     assert plain.returncode == 0, plain.stdout + plain.stderr
-    assert (tmp_path / "plain" / "checkpoint-1.pth").is_file() and (tmp_path / "plain" / "hub" / "config.json").is_file()
+    assert (tmp_path / "plain" / "checkpoint-1.pth").is_file()
+    assert (tmp_path / "plain" / "hub" / "config.json").is_file()
     for flags, package in ((["--log_wandb"], "wandb"), (["--mlflow_uri", "sqlite:///x.db"], "mlflow")):
         refused = run("refused", *flags)
         assert refused.returncode == 2, refused.stdout + refused.stderr
