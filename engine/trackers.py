@@ -21,6 +21,8 @@ goes backwards (W&B drops such steps with a warning; MLflow and TensorBoard woul
 ``open_trackers`` raises ConfigError, one line naming the flag and the fix, when W&B or MLflow
 cannot start (not logged in, no server at the URI): at start-up, before any training. The
 ``--log_wandb`` and ``--mlflow_uri`` checks in ``engine.config`` already refuse a missing package.
+Once started, a W&B or MLflow call that fails (a server gone, W&B's service killed with the job)
+is a warning: training and its checkpoints go on.
 """
 from __future__ import annotations
 
@@ -176,21 +178,18 @@ class Trackers:
             return
         named = {f"{prefix}{name}": float(value) for name, value in values.items()}
         self.tensorboard.scalars(named, step)
-        for tracker in self.others:
-            tracker.scalars(named, step)
+        self._each("scalars", named, step)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """``image``: (3, H, W) float in [0, 1]."""
         if not self._new(step):
             return
         self.tensorboard.image(tag, image, step)
-        for tracker in self.others:
-            tracker.image(tag, image, step)
+        self._each("image", tag, image, step)
 
     def artifact(self, path: str | os.PathLike) -> None:
         """Attach the file ``path`` to the run (MLflow: copied into its artifacts)."""
-        for tracker in self.others:
-            tracker.artifact(Path(path))
+        self._each("artifact", Path(path))
 
     def flush(self) -> None:
         self.tensorboard.flush()
@@ -202,8 +201,17 @@ class Trackers:
     def close(self, finished: bool = True) -> None:
         """``finished``: the run trained to its end (else it stopped to be resumed, or failed)."""
         self.tensorboard.close()
+        self._each("close", finished)
+
+    def _each(self, method: str, *args) -> None:
+        """Call ``method`` of every W&B/MLflow run. A failure (a server gone, W&B's service killed
+        with the job) is a warning: it never stops training or the checkpoint being written."""
         for tracker in self.others:
-            tracker.close(finished)
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as error:  # noqa: BLE001
+                _logger.warning("%s: %s failed (%s); training goes on", type(tracker).__name__, method,
+                                one_line(error))
 
 
 def read_logged_step(path: Path, run_id: str) -> int:

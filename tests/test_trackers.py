@@ -2,6 +2,8 @@
 store, read back through its client) get TensorBoard's scalars at the same steps, the config once,
 the reconstruction pictures; a resumed run continues the same tracker runs and logs no step twice."""
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -212,6 +214,41 @@ def test_steps_logged_before_a_resume_are_not_logged_again(tmp_path):
     assert trackers.state_dict() == {"run_id": "abc", "last_step": 5}
 
 
+class Broken(Recorder):
+    def scalars(self, values, step):
+        raise ConnectionError("the tracking server went away\nmore detail")
+
+
+def test_a_tracker_that_fails_mid_run_is_a_warning_and_the_others_still_log(caplog):
+    from engine.logging import TensorBoardWriter
+
+    recorder = Recorder()
+    trackers = Trackers(TensorBoardWriter(None), [Broken(), recorder], {"run_id": "abc"})
+    with caplog.at_level(logging.WARNING):
+        trackers.scalars({"loss": 1.0}, 1, "train/")
+    assert recorder.calls == [({"train/loss": 1.0}, 1)]
+    assert "Broken: scalars failed (ConnectionError: the tracking server went away); training goes on" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_wandb_login_that_fails_stops_the_run_at_start_up_in_one_line(tmp_path):
+    """Online W&B without an API key: exit 2 before training, one line naming the flag and the
+    fixes, and the new --output_dir removed again."""
+    make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(WANDB_MODE="online", HOME=str(tmp_path), OMP_NUM_THREADS="1")  # no ~/.netrc: not logged in
+    result = subprocess.run([sys.executable, str(Path(pretrain.__file__)), "--model", "convnextv2_atto",
+                             "--input_size", "64", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
+                             "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
+                             "--num_workers", "0", "--log_wandb"], capture_output=True, text=True, timeout=300,
+                            env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--log_wandb: Weights & Biases could not start" in errors[0], result.stderr
+    assert "wandb login" in errors[0] and "WANDB_MODE=offline" in errors[0]
+    assert "epoch 1/1" not in result.stdout and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_without_wandb_and_mlflow_installed_the_flags_stop_at_start_up_and_runs_without_them_work(tmp_path):
     """wandb and mlflow made unimportable: a run without the flags trains; each flag stops the
@@ -220,7 +257,7 @@ def test_without_wandb_and_mlflow_installed_the_flags_stop_at_start_up_and_runs_
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text('import sys\nsys.modules["wandb"] = None\nsys.modules["mlflow"] = None\n')
     make_image_folder(tmp_path / "data", classes=2, per_class=2)
-    env = {**__import__("os").environ, "PYTHONPATH": str(blocker), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(blocker), "OMP_NUM_THREADS": "1"}
     base = ["--model", "convnextv2_atto", "--input_size", "64", "--batch_size", "2", "--epochs", "1",
             "--warmup_epochs", "0", "--data_path", str(tmp_path / "data"), "--num_workers", "0"]
     script = str(Path(pretrain.__file__))
