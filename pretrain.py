@@ -17,10 +17,11 @@ Writes to --output_dir (output/pretrain; the demo: output/pretrain_demo; --confi
 output/pretrain_<size>), on rank 0: config.yaml, train.log, metrics.jsonl (one JSON object per
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num) and checkpoint-<epoch>-<updates>.pth
 inside epochs (--save_ckpt_steps / --save_ckpt_minutes), encoder.safetensors (encoder weights
-with timm names, for finetune.py or timm) and reconstruction.png (python -m fcmae.visualize redraws it
-from any checkpoint) with each epoch checkpoint, image_index.npz (the images of --data_path, reused
-by the next run while the folder is unchanged; engine.index_cache), and
-TensorBoard events (--log_dir, default <output_dir>/tensorboard).
+with timm names, for finetune.py or timm), hub/ (the encoder as a timm model folder, engine.hub)
+and reconstruction.png (python -m fcmae.visualize redraws it from any checkpoint) with each epoch
+checkpoint, image_index.npz (the images of --data_path, reused by the next run while the folder
+is unchanged; engine.index_cache), TensorBoard events (--log_dir, default <output_dir>/tensorboard;
+the same to W&B with --log_wandb and MLflow with --mlflow_uri: engine.trackers) and tracking.json.
 
 --data_path: a folder of images in any layout (<data_path>/train if there is one), or a text file
 naming one image per line; labels are not used (engine.data.build_pretraining_images).
