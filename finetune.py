@@ -304,7 +304,7 @@ def save_classifier_folder(args: argparse.Namespace, model: torch.nn.Module, kin
                            f"at {args.input_size} px"}
     save_model_folder(model, Path(args.output_dir) / HUB_FOLDER, args.model, args.input_size,
                       timm_eval_config(args.input_size, args.crop_pct), "fcmae_ft",
-                      f"{args.model} fine-tuned from FCMAE", facts,
+                      f"{args.model} classifier", facts,
                       label_names=classes if len(classes) == num_classes else None)
 
 

@@ -241,8 +241,9 @@ def count_unreadable(dataset, device: torch.device) -> int:
 
 def open_outputs(args: argparse.Namespace, info: DistributedInfo, derived: dict,
                  resumed_tracking: dict) -> tuple[Trackers, MetricsLog]:
-    """Create --output_dir's files (rank 0): the trackers (first: a tracker that cannot start
-    stops the run before it writes train.log), train.log (with what was logged so far), config.yaml."""
+    """Create --output_dir's files (rank 0): first the trackers (one that cannot start stops the
+    run before train.log exists, and removes an --output_dir this run created), then train.log
+    (with what was logged so far) and config.yaml."""
     output_dir = Path(args.output_dir)
     created = not output_dir.exists()
     if info.is_main:
