@@ -21,9 +21,10 @@ output/finetune_<size>), on rank 0: config.yaml, train.log, metrics.jsonl (one J
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num), checkpoint-<epoch>-<updates>.pth
 inside epochs (--save_ckpt_steps / --save_ckpt_minutes), checkpoint-best.pth and
 checkpoint-best-ema.pth (weights of the best top-1 epoch, loadable with --finetune / --resume /
-models.load_pretrained), shard_index.npz / shard_index_val.npz (the index of WebDataset shards given
-as --data_path / --eval_data_path, reused by the next run; engine.shards) and TensorBoard events
-(--log_dir, default <output_dir>/tensorboard).
+models.load_pretrained), hub/ (the best of those weights as a timm model folder: class names and the
+evaluation preprocessing included, engine.hub), shard_index.npz / shard_index_val.npz (the index of
+WebDataset shards given as --data_path / --eval_data_path, reused by the next run; engine.shards)
+and TensorBoard events (--log_dir, default <output_dir>/tensorboard).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigEr
                            build_training_parser, config_dict, optional_path, parse_bool)
 from engine.data import build_loader, reads_streamed_shards, to_device
 from engine.distributed import DistributedInfo
-from engine.eval_transform import build_eval_transform
+from engine.eval_transform import build_eval_transform, timm_eval_config
+from engine.hub import HUB_FOLDER, save_model_folder
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
 from engine.shards import SHARD_INDEX_NAME, ShardIndexCache, check_stream_workers, is_shard_source
@@ -278,8 +280,8 @@ def make_checkpoint_check(args: argparse.Namespace, num_classes: int, classes: l
 def evaluate_and_keep_best(evaluated: dict, val_loader, epochs_done: int, best: dict, args, classes: list[str],
                            info: DistributedInfo) -> dict:
     """Evaluate each of ``evaluated`` ({"model": ..., "ema": ...}); a new best top-1 replaces
-    ``best[kind]`` and its weights are written (atomically) to checkpoint-best[-ema].pth.
-    Returns the metrics as ``{"<kind>_acc1": ..., ...}``."""
+    ``best[kind]`` and its weights are written (atomically) to checkpoint-best[-ema].pth, and to
+    hub/ when no other kind is better. Returns the metrics as ``{"<kind>_acc1": ..., ...}``."""
     record = {}
     for kind, model in evaluated.items():
         results = {"epoch": epochs_done, **evaluate(model, val_loader, info.device, args.amp)}
@@ -293,7 +295,27 @@ def evaluate_and_keep_best(evaluated: dict, val_loader, epochs_done: int, best: 
                      "acc5": results["acc5"], "classes": classes, "config": config_dict(args)}
             atomic_write(Path(args.output_dir) / name, lambda file: torch.save(state, file))
             _logger.info("new best %s top-1 %.2f%% at epoch %d -> %s", kind, results["acc1"], epochs_done, name)
+            if results["acc1"] >= max(result["acc1"] for result in best.values()):
+                save_classifier_folder(args, model, kind, results, classes)
     return record
+
+
+def save_classifier_folder(args: argparse.Namespace, model: torch.nn.Module, kind: str, results: dict,
+                           classes: list[str]) -> None:
+    """``<output_dir>/hub``: the classifier with the best top-1 so far as a timm model folder: the
+    class names when there is one per output, the evaluation transform as its preprocessing."""
+    num_classes = model.num_classes
+    facts = {"Model": f"{args.model} classifier, {num_classes} classes",
+             "Fine-tuned from": args.finetune or "random initialisation",
+             "Data": args.data_path or "the scikit-image sample photographs (demo)",
+             "Weights": f"{'the EMA of the weights' if kind == 'ema' else 'the trained weights'} after epoch "
+                        f"{results['epoch']} of {args.epochs}, the best validation top-1 so far",
+             "Validation": f"top-1 {results['acc1']:.2f}%, top-5 {results['acc5']:.2f}% on {results['count']} images "
+                           f"at {args.input_size} px"}
+    save_model_folder(model, Path(args.output_dir) / HUB_FOLDER, args.model, args.input_size,
+                      timm_eval_config(args.input_size, args.crop_pct), "fcmae_ft",
+                      f"{args.model} classifier", facts,
+                      label_names=classes if len(classes) == num_classes else None)
 
 
 def build_val_loader(val_set, args, info: DistributedInfo):

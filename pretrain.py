@@ -17,10 +17,12 @@ Writes to --output_dir (output/pretrain; the demo: output/pretrain_demo; --confi
 output/pretrain_<size>), on rank 0: config.yaml, train.log, metrics.jsonl (one JSON object per
 epoch), checkpoint-<epoch>.pth (the last --save_ckpt_num) and checkpoint-<epoch>-<updates>.pth
 inside epochs (--save_ckpt_steps / --save_ckpt_minutes), encoder.safetensors (encoder weights
-with timm names, for finetune.py or timm) and reconstruction.png (python -m fcmae.visualize redraws it
-from any checkpoint) with each epoch checkpoint, image_index.npz (the images of --data_path, reused
-by the next run while the folder is unchanged; engine.index_cache) or shard_index.npz (the same for
-WebDataset shards, engine.shards), and TensorBoard events (--log_dir, default <output_dir>/tensorboard).
+with timm names, for finetune.py or timm), hub/ (the encoder as a timm model folder, engine.hub)
+and reconstruction.png (python -m fcmae.visualize redraws it from any checkpoint) with each epoch
+checkpoint, image_index.npz (the images of --data_path, reused by the next run while the folder
+is unchanged; engine.index_cache) or shard_index.npz (the same for WebDataset shards,
+engine.shards), TensorBoard events (--log_dir, default <output_dir>/tensorboard; the same to W&B
+with --log_wandb and MLflow with --mlflow_uri: engine.trackers) and tracking.json.
 
 --data_path: a folder of images in any layout (<data_path>/train if there is one), a text file
 naming one image per line, or WebDataset shards (a brace pattern of .tar files, a list of them,
@@ -47,15 +49,17 @@ from engine.config import (OFFICIAL_LAUNCHER_FLAGS, BooleanFlag, Check, ConfigEr
 from engine.data import (EMBEDDED_PHOTO_NAMES, EmbeddedPhotos, build_pretraining_images, reads_streamed_shards,
                          to_device)
 from engine.distributed import DistributedInfo
+from engine.eval_transform import timm_eval_config
+from engine.hub import HUB_FOLDER, save_model_folder
 from engine.index_cache import INDEX_CACHE_NAME, IndexCache
 from engine.normalization import resolve_normalization
-from engine.logging import TensorBoardWriter
 from engine.loop import Step
 from engine.runner import Task, launch, run_training
 from engine.shards import SHARD_INDEX_NAME, ShardIndexCache, check_stream_workers
+from engine.trackers import Trackers
 from fcmae.knn_monitor import KNN_MONITOR_CHECKS, build_knn_monitor
 from fcmae.visualize import fixed_visual_batch, save_png, visualize_reconstructions
-from models import BACKENDS, encoder_export_state
+from models import BACKENDS, create_dense_model, encoder_export_state
 from models.convnextv2 import DEFAULT_IN_CHANS, DEFAULT_STEM_STRIDE
 
 _logger = logging.getLogger("pretrain")
@@ -173,21 +177,51 @@ def make_loss_fn(device: torch.device):
 
 def make_export(args: argparse.Namespace, images: torch.Tensor):
     """With each epoch checkpoint: the encoder (timm names; its stem stride and channel count as
-    metadata) and the reconstruction grid of ``images`` (masks drawn from --seed)."""
+    metadata), the same encoder as a timm model folder (``<output_dir>/hub``, ``engine.hub``) and the
+    reconstruction grid of ``images`` (masks drawn from --seed), which also goes to the trackers;
+    after the last epoch the encoder file goes to the trackers too (MLflow's artifacts)."""
+    latest_knn: dict = {}  # the last k-NN evaluation, for the model card
 
-    def export(model, epochs_done: int, tensorboard: TensorBoardWriter) -> None:
-        output_dir = Path(args.output_dir)
-        save_safetensors(encoder_export_state(model.encoder), output_dir / ENCODER_EXPORT,
+    def export(model, record: dict, trackers: Trackers) -> None:
+        output_dir, epochs_done = Path(args.output_dir), record["epoch"]
+        encoder_state = encoder_export_state(model.encoder)
+        save_safetensors(encoder_state, output_dir / ENCODER_EXPORT,
                          {"model_name": args.model, "format": "timm", "epochs": str(epochs_done),
                           "stem_stride": str(args.stem_stride), "in_chans": str(args.in_chans),
                           "mean": json.dumps(args.mean), "std": json.dumps(args.std)})
+        if "knn_top1" in record:
+            latest_knn.update(top1=record["knn_top1"], epoch=epochs_done)
+        save_encoder_folder(args, encoder_state, record, latest_knn)
         grid = visualize_reconstructions(model, images, args.seed, mean=args.mean, std=args.std)
         save_png(grid, output_dir / "reconstruction.png")
-        tensorboard.image("reconstruction", grid, epochs_done)
-        tensorboard.flush()
-        _logger.info("saved %s and reconstruction.png", ENCODER_EXPORT)
+        trackers.image("reconstruction", grid, record["updates"])
+        trackers.flush()
+        if epochs_done == args.epochs:
+            trackers.artifact(output_dir / ENCODER_EXPORT)
+        _logger.info("saved %s, %s/ and reconstruction.png", ENCODER_EXPORT, HUB_FOLDER)
 
     return export
+
+
+def save_encoder_folder(args: argparse.Namespace, encoder_state: dict, record: dict, latest_knn: dict) -> None:
+    """``<output_dir>/hub``: the encoder as timm's ``num_classes=0`` model, with the run's input
+    size and normalisation as its preprocessing and a model card of the run."""
+    encoder = create_dense_model(args.model, args.stem_stride, args.in_chans, num_classes=0)
+    encoder.load_state_dict(encoder_state)
+    facts = {"Model": f"{args.model} encoder, stem stride {args.stem_stride}, {args.in_chans} input channels; "
+                      "num_classes=0: the model returns pooled, head-normalised features",
+             "Pretraining": f"FCMAE, mask ratio {args.mask_ratio}, {record['epoch']} of {args.epochs} epochs "
+                            f"({record['updates']} optimizer updates)",
+             "Data": args.data_path or "the scikit-image sample photographs (demo)",
+             "Input": f"{args.input_size} px, mean {format_values(args.mean)}, std {format_values(args.std)}"}
+    if "loss" in record:
+        facts["Final loss"] = f"{record['loss']:.4f} (epoch {record['epoch']}, masked-pixel MSE)"
+    if latest_knn:
+        facts["k-NN top-1"] = (f"{latest_knn['top1']:.2f}% on {args.knn_data_path} (epoch {latest_knn['epoch']}, "
+                               f"k={args.knn_k})")
+    save_model_folder(encoder, Path(args.output_dir) / HUB_FOLDER, args.model, args.input_size,
+                      timm_eval_config(args.input_size, mean=args.mean, std=args.std), "fcmae",
+                      f"{args.model} FCMAE encoder", facts)
 
 
 def build_model(args: argparse.Namespace) -> fcmae.FCMAE:

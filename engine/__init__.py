@@ -9,6 +9,9 @@
 * ``checkpoint``   atomic files, epoch and mid-epoch checkpoints, keep-last-N, latest valid one,
                    the run-layout check on resume, safetensors export.
 * ``logging``      progress lines, TensorBoard, JSON-lines metrics.
+* ``trackers``     where a run's numbers go: TensorBoard, optional W&B and MLflow (rank 0), each step
+                   once (the optimizer updates done), the tracker runs kept in checkpoints.
+* ``progress_bar`` a terminal progress bar (rank 0) and the logged duration of long non-training work.
 * ``schedule``     per-update lr: linear warmup then half-cosine to ``min_lr``.
 * ``optim``        AdamW without weight decay on norms, biases, GRN and ``no_weight_decay()`` names.
 * ``stepper``      ``GradientStepper``: AMP, backward, accumulation (the one owner of
@@ -36,7 +39,8 @@
                    transforms for N channels, embedded photos, per-sample seeded and resumable
                    distributed loaders, fast JPEG decoding.
 * ``class_folders`` labels = sorted class folder names; two splits must have the same folders.
-* ``eval_transform`` the official evaluation resize / center crop and normalisation.
+* ``eval_transform`` the official evaluation resize / center crop and normalisation (also in timm's terms).
+* ``hub``          timm model folders (config.json, model.safetensors, model card) for ``local-dir:``/the Hub.
 * ``embeddings``   pooled embedding and stage maps of a timm ConvNeXt V2.
 * ``knn``          weighted k-NN classifier on frozen features, on one process or a bank sharded
                    over the ranks.

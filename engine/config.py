@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import math
 import os
 import re
@@ -296,6 +297,22 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                           "stalls on a busy or small machine")
     run.add_argument("--grad_checkpointing", "--use_checkpoint", action=BooleanFlag, default=False,
                      help="activation checkpointing: less memory, ~30%% more compute")
+
+    tracking = parser.add_argument_group("experiment tracking", "besides TensorBoard (rank 0; a resumed run "
+                                         "continues the same tracker runs)")
+    tracking.add_argument("--log_wandb", action=BooleanFlag, default=False,
+                          help="log to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no login)")
+    tracking.add_argument("--wandb_project", type=str, default=None,
+                          help="W&B project (default: W&B's, or WANDB_PROJECT)")
+    tracking.add_argument("--wandb_name", type=str, default=None, help="W&B run name (default: the --output_dir name)")
+    tracking.add_argument("--wandb_tags", type=str, nargs="*", default=None, metavar="TAG", help="W&B run tags")
+    tracking.add_argument("--mlflow_uri", type=str, default=None, metavar="URI",
+                          help="log to MLflow at this tracking URI: a server (http://host:5000) or a local store "
+                               "(sqlite:///path/mlflow.db) (pip install mlflow) (default: no MLflow)")
+    tracking.add_argument("--mlflow_experiment", type=str, default="Default",
+                          help="MLflow experiment (created if missing)")
+    tracking.add_argument("--mlflow_run_name", type=str, default=None,
+                          help="MLflow run name (default: the --output_dir name)")
     return parser
 
 
@@ -578,6 +595,12 @@ TRAINING_CHECKS: tuple[Check, ...] = (
           "must be >= 1 second, and longer than a checkpoint save takes (default 1800)"),
     Check("--cpu_threads", lambda a: a.cpu_threads is None or a.cpu_threads >= 1,
           "must be >= 1 (leave it out for PyTorch's default)"),
+    Check("--log_wandb", lambda a: not a.log_wandb or importlib.util.find_spec("wandb") is not None,
+          "the wandb package is not installed; pip install 'wandb>=0.19,<1' (or this package's [wandb] extra), "
+          "or leave --log_wandb out"),
+    Check("--mlflow_uri", lambda a: a.mlflow_uri is None or importlib.util.find_spec("mlflow") is not None,
+          "the mlflow package is not installed; pip install 'mlflow>=3,<4' (or this package's [mlflow] extra), "
+          "or leave --mlflow_uri out"),
 )
 
 

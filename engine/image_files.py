@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from .image_index import ImageIndex, PathArray
+from .progress_bar import progress_bar
 
 _logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def _walk_images(root: bytes, top: bytes, recorder: _Recorder) -> Iterator[bytes
 def scan_folder(root: str | os.PathLike) -> Scan:
     """Every image file under ``root``, recursively, without labels."""
     recorder = _Recorder()
-    entries = PathArray.pack(_walk_images(os.fsencode(root), b"", recorder))
+    entries = PathArray.pack(scanning(_walk_images(os.fsencode(root), b"", recorder), root))
     return recorder.scan(root, ImageIndex(os.fspath(root), entries))
 
 
@@ -148,7 +149,7 @@ def scan_class_folders(root: str | os.PathLike) -> Scan:
                 counts[label] += 1
                 yield relative
 
-    entries = PathArray.pack(labelled_images())
+    entries = PathArray.pack(scanning(labelled_images(), root))
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
     return recorder.scan(root, ImageIndex(os.fspath(root), entries, labels, tuple(classes)))
 
@@ -169,8 +170,13 @@ def read_file_list(list_path: str | os.PathLike) -> Scan:
                 else:
                     recorder.skip(entry)
 
-    entries = PathArray.pack(listed_images())
+    entries = PathArray.pack(scanning(listed_images(), list_path))
     return recorder.scan(list_path, ImageIndex(os.path.dirname(os.fspath(list_path)), entries))
+
+
+def scanning(images: Iterator[bytes], source: str | os.PathLike) -> Iterator[bytes]:
+    """``images`` counted on a progress bar (the callers log the scan's duration)."""
+    return progress_bar(images, f"scanning {os.fspath(source)}", unit="image", log=False)
 
 
 def describe_skipped(scan: Scan) -> str:

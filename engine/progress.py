@@ -5,7 +5,8 @@ Per micro-batch ``add_micro_batch`` adds the loss and the metrics to device sums
 updates in a row. ``log_point`` -- every ``print_freq`` iterations, moved to the end of their
 accumulation group (so no collective runs inside one), and at the end of the epoch -- all-reduces
 the sums since the last one, reads them (the one host-device sync), checks them, logs the progress
-line and TensorBoard scalars, and adds them to the epoch totals (host floats, each the mean over
+line and the ``train/`` scalars (to the run's trackers, at the number of optimizer updates done in
+the run), and adds them to the epoch totals (host floats, each the mean over
 ranks). The checks raise on every rank alike, before anything can checkpoint the state:
 
 * ``NonFiniteLossError``: a NaN/inf loss, naming the first bad iteration over ranks;
@@ -19,14 +20,17 @@ ranks). The checks raise on every rank alike, before anything can checkpoint the
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .distributed import all_gather_objects, all_reduce_mean, get_world_size
 from .flops import model_flops_utilization
-from .logging import ProgressMeter, TensorBoardWriter
+from .logging import ProgressMeter
 from .stepper import GradientStepper
+
+if TYPE_CHECKING:
+    from .trackers import Trackers
 
 DEFAULT_MAX_SKIPPED_IN_ROW = 10
 
@@ -66,11 +70,11 @@ class EpochProgress:
     """
 
     def __init__(self, epoch: int, epochs: int, iterations: int, stepper: GradientStepper, device: torch.device,
-                 print_freq: int = 20, tensorboard: Optional[TensorBoardWriter] = None, start_iteration: int = 0,
+                 print_freq: int = 20, trackers: Optional["Trackers"] = None, start_iteration: int = 0,
                  state: Optional[dict] = None, flops_per_image: Optional[float] = None,
                  peak_tflops: Optional[float] = None, max_skipped_in_row: int = DEFAULT_MAX_SKIPPED_IN_ROW):
         self.epoch, self.iterations, self.stepper, self.print_freq = epoch, iterations, stepper, print_freq
-        self.device, self.tensorboard = device, tensorboard
+        self.device, self.trackers = device, trackers
         self.flops_per_image, self.peak_tflops = flops_per_image, peak_tflops
         self.max_skipped_in_row = max_skipped_in_row
         self.world_size = get_world_size()
@@ -152,11 +156,11 @@ class EpochProgress:
         shown = {name: value for name, value in means.items() if name not in ("loss", "skipped_updates")}
         epoch_loss = self.totals["loss"][0] / self.totals["loss"][1]
         self.meter.log_line(iteration + 1, means["loss"], epoch_loss, lr, images_per_s, shown, mfu)
-        if self.tensorboard is not None:
-            updates = self.stepper.updates_per_epoch(self.iterations)
-            update = self.epoch * updates + iteration // self.stepper.update_freq
-            self.tensorboard.scalars({"loss": means["loss"], "lr": lr, "images_per_s": images_per_s, **shown,
-                                      **({"mfu": mfu} if mfu is not None else {})}, update, "train/")
+        if self.trackers is not None:
+            updates_done = self.epoch * self.stepper.updates_per_epoch(self.iterations) + (iteration + 1) // \
+                self.stepper.update_freq
+            self.trackers.scalars({"loss": means["loss"], "lr": lr, "images_per_s": images_per_s, **shown,
+                                   **({"mfu": mfu} if mfu is not None else {})}, updates_done, "train/")
 
     def mfu(self, images_per_s: float) -> Optional[float]:
         """Model FLOP utilisation of one device, when the FLOPs and the device's peak are known."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,16 +45,18 @@ from .data import build_loader, shutdown_workers
 from .distributed import (DistributedInfo, all_gather_objects, all_reduce_mean, announce_failure,
                           check_replicas_identical, get_world_size, init_distributed, job_store, wrap_ddp)
 from .flops import count_step_flops, matmul_precision, peak_tflops
-from .logging import MetricsLog, TensorBoardWriter, setup_logging, start_log_file
+from .logging import MetricsLog, setup_logging, start_log_file
 from .loop import LossFn, Step, epoch_batches, log_skipped_updates, reseed_every_micro_batch, train_updates
 from .optim import build_adamw, effective_batch_size, scaled_lr
 from .progress import EpochProgress
+from .progress_bar import busy_until_first
 from .schedule import build_lr_scheduler
 from .seeding import configure_determinism, derive_seed, seed_everything
 from .signals import (EXIT_INTERRUPTED, EXIT_STOPPED, StopRequested, handle_stop_signals, remove_stop_marker,
                       stop_reason, stop_signals_blocked, stopped_under_this_torchrun, torchrun_agent,
                       workers_ignore_stop_signals, write_stop_marker)
 from .stepper import GradientStepper, build_model_ema
+from .trackers import Trackers, open_trackers
 
 _logger = logging.getLogger(__name__)
 
@@ -77,10 +80,12 @@ class Task:
     epochs_done, should_stop)`` returns metrics after each epoch; long evaluations call
     ``should_stop()`` at the same points on every rank (the ranks' agreed stop) and raise
     ``engine.signals.StopRequested`` when it says so;
-    ``epoch_summary(record)`` adds them to the epoch's log line. ``export(model, epochs_done,
-    tensorboard)`` runs on rank 0 with each epoch checkpoint (and once at the end of a run that
-    trained nothing). ``outputs_opened()`` runs once the run has started and ``--output_dir``
-    exists (e.g. to save the scan of the data for the next run). ``prepare_weights(model,
+    ``epoch_summary(record)`` adds them to the epoch's log line. ``export(model, record,
+    trackers)`` runs on rank 0 with each epoch checkpoint (and once at the end of a run that
+    trained nothing): ``record`` is the epoch's metrics record ("epoch": epochs done, "updates":
+    optimizer updates done, the trackers' step), ``trackers`` the run's ``engine.trackers.Trackers``.
+    ``outputs_opened()`` runs once the run has started and ``--output_dir`` exists (e.g. to save
+    the scan of the data for the next run). ``prepare_weights(model,
     resumed_from)`` runs on every rank once the checkpoint to resume (its path, or None for a
     fresh start) is loaded: e.g. initialise a fresh start from earlier weights.
     """
@@ -98,7 +103,7 @@ class Task:
     check_checkpoint: Callable[[str, dict, str], None] = _accept_checkpoint
     evaluate: Optional[Callable[[nn.Module, Optional[nn.Module], int, Callable[[], bool]], dict]] = None
     epoch_summary: Callable[[dict], str] = lambda record: ""
-    export: Optional[Callable[[nn.Module, int, TensorBoardWriter], None]] = None
+    export: Optional[Callable[[nn.Module, dict, Trackers], None]] = None
     outputs_opened: Optional[Callable[[], None]] = None
     prepare_weights: Optional[Callable[[nn.Module, Optional[str]], None]] = None
 
@@ -106,11 +111,13 @@ class Task:
 @dataclass(frozen=True)
 class ResumePoint:
     """Where training starts: ``epoch`` epochs completed, ``iteration`` micro-batches into the
-    next, ``progress``: that epoch's ``EpochProgress`` totals so far."""
+    next, ``progress``: that epoch's ``EpochProgress`` totals so far, ``tracking``: the tracker
+    runs to continue (``Trackers.state_dict``)."""
 
     epoch: int = 0
     iteration: int = 0
     progress: Optional[dict] = None
+    tracking: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- the process
@@ -215,7 +222,8 @@ def resume(args: argparse.Namespace, info: DistributedInfo, task: Task, model: n
         else:
             stepper.ema.set(model)
     task.state.update({key: state[key] for key in task.state if key in state})
-    return ResumePoint(int(state["epoch"]), iteration, state.get("progress") if iteration else None)
+    return ResumePoint(int(state["epoch"]), iteration, state.get("progress") if iteration else None,
+                       state.get("tracking", {}))
 
 
 def device_peak_tflops(device: torch.device, amp: str) -> Optional[float]:
@@ -231,17 +239,26 @@ def count_unreadable(dataset, device: torch.device) -> int:
     return round(all_reduce_mean(local).item() * get_world_size())
 
 
-def open_outputs(args: argparse.Namespace, info: DistributedInfo,
-                 derived: dict) -> tuple[TensorBoardWriter, MetricsLog]:
-    """Create --output_dir's files (rank 0): train.log (with what was logged so far), config.yaml."""
+def open_outputs(args: argparse.Namespace, info: DistributedInfo, derived: dict,
+                 resumed_tracking: dict) -> tuple[Trackers, MetricsLog]:
+    """Create --output_dir's files (rank 0): first the trackers (one that cannot start stops the
+    run before train.log exists, and removes an --output_dir this run created), then train.log
+    (with what was logged so far) and config.yaml."""
     output_dir = Path(args.output_dir)
+    created = not output_dir.exists()
     if info.is_main:
         check_output_folders(args)
+    try:
+        trackers = open_trackers(args, info.is_main, resumed_tracking, config_dict(args))
+    except ConfigError:
+        if created and info.is_main:
+            shutil.rmtree(output_dir, ignore_errors=True)  # a run that fails to start leaves nothing
+        raise
+    if info.is_main:
         start_log_file(output_dir / "train.log")
         save_config(args, output_dir / "config.yaml", derived)
         remove_stop_marker(output_dir)  # a new launch resumes a stopped run
-    tensorboard = TensorBoardWriter((args.log_dir or output_dir / "tensorboard") if info.is_main else None)
-    return tensorboard, MetricsLog(output_dir / "metrics.jsonl" if info.is_main else None)
+    return trackers, MetricsLog(output_dir / "metrics.jsonl" if info.is_main else None)
 
 
 # ---------------------------------------------------------------- the epochs
@@ -250,16 +267,18 @@ class Trainer:
     """The epochs of one run, and its checkpoints (see the module docstring)."""
 
     def __init__(self, args: argparse.Namespace, info: DistributedInfo, task: Task, model: nn.Module,
-                 train_model: nn.Module, stepper: GradientStepper, loader, scheduler, tensorboard: TensorBoardWriter,
+                 train_model: nn.Module, stepper: GradientStepper, loader, scheduler, trackers: Trackers,
                  metrics_log: MetricsLog):
         self.args, self.info, self.task = args, info, task
         self.model, self.train_model, self.stepper = model, train_model, stepper
-        self.loader, self.scheduler, self.tensorboard, self.metrics_log = loader, scheduler, tensorboard, metrics_log
-        self.iterations = stepper.updates_per_epoch(len(loader)) * stepper.update_freq
+        self.loader, self.scheduler, self.trackers, self.metrics_log = loader, scheduler, trackers, metrics_log
+        self.updates_per_epoch = stepper.updates_per_epoch(len(loader))
+        self.iterations = self.updates_per_epoch * stepper.update_freq
         self.agreement = Agreement(job_store(), info.rank, info.world_size, args.save_ckpt_minutes, args.dist_timeout)
         self.agents = all_gather_objects(torchrun_agent())  # for the stop marker
         self.reseed = reseed_every_micro_batch(args.seed, info.rank)
         self.peak = device_peak_tflops(info.device, args.amp)
+        self.compiled = False  # --compile: whether the first update (which compiles) ran in this process
         self.flops_per_image = self.count_flops() if self.peak is not None else None
 
     def fit(self, start: ResumePoint) -> Optional[dict]:
@@ -276,7 +295,8 @@ class Trainer:
         if start.epoch >= self.args.epochs:
             _logger.info("nothing left to train: %d of %d epochs done", start.epoch, self.args.epochs)
             if self.info.is_main and self.task.export is not None:
-                self.task.export(self.model, start.epoch, self.tensorboard)
+                self.task.export(self.model, {"epoch": start.epoch, "updates": start.epoch * self.updates_per_epoch},
+                                 self.trackers)
         if self.info.world_size > 1:
             report_replicas(self.model, self.info)
         return record
@@ -285,13 +305,16 @@ class Trainer:
         """One epoch from ``start``: its stats, or None when the ranks agreed to stop inside it."""
         args, stepper = self.args, self.stepper
         progress = EpochProgress(epoch, args.epochs, self.iterations, stepper, self.info.device, args.print_freq,
-                                 self.tensorboard, start.iteration, start.progress, self.flops_per_image, self.peak,
+                                 self.trackers, start.iteration, start.progress, self.flops_per_image, self.peak,
                                  args.max_skipped_updates)
         seed_everything(derive_seed(args.seed, epoch, self.info.rank))  # the loader workers' seeds: this epoch's
         with stop_signals_blocked():  # workers started now ignore the stop signals from their first instruction
             batches = epoch_batches(self.loader, epoch, start.iteration)
-        for step in train_updates(self.train_model, batches, self.task.loss_fn, stepper, self.scheduler, progress,
-                                  epoch=epoch, start_iteration=start.iteration, reseed=self.reseed):
+        steps = train_updates(self.train_model, batches, self.task.loss_fn, stepper, self.scheduler, progress,
+                              epoch=epoch, start_iteration=start.iteration, reseed=self.reseed)
+        if args.compile and not self.compiled:
+            steps, self.compiled = busy_until_first(steps, "torch.compile: compiling the model (first update)"), True
+        for step in steps:
             done = step.iteration + 1
             if done == self.iterations:
                 break  # the end of the epoch evaluates and checkpoints
@@ -307,8 +330,9 @@ class Trainer:
     def end_epoch(self, epochs_done: int, stats: dict) -> Optional[dict]:
         """Evaluate, log, checkpoint (+ export) when due; the epoch's record, None when stopping."""
         args, task = self.args, self.task
-        record = {"epoch": epochs_done, **stats, "unreadable_images": count_unreadable(task.train_set,
-                                                                                       self.info.device)}
+        updates = epochs_done * self.updates_per_epoch  # the trackers' step
+        record = {"epoch": epochs_done, "updates": updates, **stats,
+                  "unreadable_images": count_unreadable(task.train_set, self.info.device)}
         stop = False
         if task.evaluate is not None:
             try:
@@ -316,12 +340,12 @@ class Trainer:
                                            epochs_done, lambda: self.agreement.check().stop)
             except StopRequested:
                 evaluation, stop = {}, True
-            self.tensorboard.scalars(evaluation, epochs_done, "val/")
+            self.trackers.scalars(evaluation, updates, "val/")
             record.update(evaluation)
         log_epoch(args, task, record)
         self.metrics_log.append(record)
-        self.tensorboard.scalars({name: value for name, value in stats.items() if name != "epoch_time_s"},
-                                 epochs_done, "epoch/")
+        self.trackers.scalars({name: value for name, value in stats.items() if name != "epoch_time_s"},
+                              updates, "epoch/")
         decision = self.agreement.check()
         stop = stop or decision.stop
         if epochs_done % args.save_ckpt_freq == 0 or epochs_done == args.epochs or decision.save or stop:
@@ -330,7 +354,7 @@ class Trainer:
                 self.stop(path, f"after epoch {epochs_done}")
                 return None
             if self.info.is_main and task.export is not None:
-                task.export(self.model, epochs_done, self.tensorboard)
+                task.export(self.model, record, self.trackers)
         return record
 
     def steps_due(self, step: Step) -> bool:
@@ -339,7 +363,8 @@ class Trainer:
     def checkpoint_state(self, epochs_done: int, iteration: int, progress: Optional[dict]) -> dict:
         state = {"model": self.model.state_dict(), "optimizer": self.stepper.optimizer.state_dict(),
                  "stepper": self.stepper.state_dict(), "epoch": epochs_done, "iteration": iteration,
-                 "config": config_dict(self.args), "world_size": self.info.world_size, **self.task.state}
+                 "config": config_dict(self.args), "world_size": self.info.world_size,
+                 "tracking": self.trackers.state_dict(), **self.task.state}
         if progress is not None:
             state["progress"] = progress
         if self.stepper.ema is not None:
@@ -414,20 +439,21 @@ def run_training(args: argparse.Namespace, info: DistributedInfo, task: Task) ->
     check_updates_per_epoch(updates, args, len(task.train_set), info.world_size)
     start = resume(args, info, task, model, stepper)
     scheduler = build_lr_scheduler(stepper.optimizer, args.epochs, args.warmup_epochs, updates, args.min_lr)
-    tensorboard, metrics_log = open_outputs(args, info, {
+    trackers, metrics_log = open_outputs(args, info, {
         "world_size": info.world_size, "device": str(info.device), "effective_batch_size": effective_batch,
-        "lr": lr, "updates_per_epoch": updates, **task.derived})
+        "lr": lr, "updates_per_epoch": updates, **task.derived}, start.tracking)
     if task.outputs_opened is not None:
         task.outputs_opened()
     _logger.info("%s on %s x %d: %d images/epoch, effective batch %d (%d x %d accumulation x %d), lr %.3g, "
                  "%d epoch%s from epoch %d", task.description, info.device, info.world_size, len(task.train_set),
                  effective_batch, args.batch_size, args.update_freq, info.world_size, lr, args.epochs,
                  "" if args.epochs == 1 else "s", start.epoch)
+    record = None
     try:
-        record = Trainer(args, info, task, model, train_model, stepper, loader, scheduler, tensorboard,
+        record = Trainer(args, info, task, model, train_model, stepper, loader, scheduler, trackers,
                          metrics_log).fit(start)
     finally:
-        tensorboard.close()
+        trackers.close(finished=record is not None)
         shutdown_workers(loader)
     if record is None:
         sys.exit(EXIT_STOPPED)

@@ -58,6 +58,7 @@ from engine.distributed import get_rank, get_world_size
 from engine.embeddings import extract_pooled
 from engine.eval_transform import build_eval_transform
 from engine.knn import KNN_TEMPERATURE, sharded_knn_top1
+from engine.progress_bar import progress_bar
 from engine.stepper import amp_autocast
 from engine.signals import StopRequested, stop_signals_blocked, workers_ignore_stop_signals
 
@@ -188,7 +189,8 @@ class KNNMonitor:
         try:
             with stop_signals_blocked():  # until each worker ignores the signals
                 loaded = iter(loader) if mine else None
-            for round_index in range(-(-len(batches) // world_size)):  # every rank: the same number of rounds
+            rounds = -(-len(batches) // world_size)  # every rank: the same number of rounds
+            for round_index in progress_bar(range(rounds), f"k-NN monitor: {split} split", rounds, "batch"):
                 if should_stop is not None and should_stop():
                     _logger.info("k-NN monitor: pass stopped before %s batch %d of %d", split,
                                  round_index * world_size + 1, len(batches))

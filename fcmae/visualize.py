@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 
 from engine.config import BooleanFlag, Check, TrainingArgumentParser, validate
+from engine.progress_bar import progress_bar
 
 from .model import FCMAE, patchify, unpatchify
 
@@ -298,7 +300,7 @@ def _load_spread(paths: Sequence[str | os.PathLike], input_size: int, count: int
     transform = visual_transform(input_size, mean, std, decoded=in_chans != 3)
     picked = torch.linspace(0, len(paths) - 1, min(count, len(paths))).long().tolist()
     images, unreadable = [], set()
-    for index in picked:
+    for index in progress_bar(picked, "reconstruction picture: loading images", len(picked), "image", log=False):
         for offset in range(len(paths)):
             position = (index + offset) % len(paths)
             if position in unreadable:
@@ -323,7 +325,8 @@ def image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         if entry.is_file():
             found.append(entry)
         elif entry.is_dir():
-            inside = [path for path in entry.rglob("*") if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS]
+            inside = [path for path in progress_bar(entry.rglob("*"), f"scanning {entry}", unit="file", log=False)
+                      if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS]
             if not inside:
                 raise ValueError(f"--images {entry}: no image files ({', '.join(IMG_EXTENSIONS)}) in this folder")
             found += sorted(inside, key=lambda path: path.relative_to(entry).parts)
@@ -422,6 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     require_supported_versions(parser.prog)
     args = parser.parse_args(argv)
     setup_logging()
+    start = time.perf_counter()
     try:
         device = choose_device(args.device)
         model, config = load_fcmae(args.checkpoint, args.model, args.backend, args.norm_pix_loss)
@@ -449,8 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         parser.error(str(error))
     picture = visualize_reconstructions(model.to(device), images, seed, args.max_images, mean, std)
     save_png(picture, args.output)
-    _logger.info("wrote %s: %d images from %s, %d px, mask ratio %.2f, seed %d", args.output, len(images),
-                 described, input_size, model.mask_ratio, seed)
+    _logger.info("wrote %s: %d images from %s, %d px, mask ratio %.2f, seed %d, in %.1f s", args.output, len(images),
+                 described, input_size, model.mask_ratio, seed, time.perf_counter() - start)
     return Path(args.output)
 
 

@@ -61,6 +61,7 @@ from engine.distributed import choose_device
 from engine.embeddings import extract_pooled, extract_pooled_and_stages, extract_stages
 from engine.eval_transform import build_eval_transform
 from engine.logging import format_duration, setup_logging
+from engine.progress_bar import progress_bar
 from engine.stepper import amp_autocast
 
 _logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def extract_dataset(extractor: FeatureExtractor, loader: DataLoader, with_stages
     stages: list[list[torch.Tensor]] = [[] for _ in range(NUM_STAGES)]
     total = len(loader.dataset)
     done, start = 0, time.perf_counter()
-    for batch_index, (images, targets) in enumerate(loader):
+    for batch_index, (images, targets) in enumerate(progress_bar(loader, "features", len(loader), "batch")):
         if with_stages:
             batch_pooled, batch_stages = extractor.pooled_and_stages(images)
             for kept, stage in zip(stages, batch_stages):

@@ -81,7 +81,9 @@ def test_compile_through_the_runner_on_two_gloo_ranks_with_accumulation_ema_and_
         argv = finetune_args(data, output, "--update_freq", "2", "--save_ckpt_steps", "1", *compile_flag, epochs=2)
         run = start_script("finetune.py", argv, tmp_path / f"{mode}.log", torchrun=2)
         finish(run, tmp_path / f"{mode}.log", timeout=900)
-        assert "weights identical on all 2 ranks" in (output / "train.log").read_text()
+        log = (output / "train.log").read_text()
+        assert "weights identical on all 2 ranks" in log
+        assert log.count("torch.compile: compiling the model (first update): ") == (mode == "compiled")
         states[mode] = load_checkpoint(output / "checkpoint-2.pth")
     assert states["compiled"]["model"].keys() == states["eager"]["model"].keys()  # no wrapper prefixes
     for entry in ("model", "model_ema"):

@@ -99,7 +99,7 @@ def test_pretraining_logs_knn_top1_equal_to_the_linear_probe_cli_on_the_checkpoi
     events = EventAccumulator(str(output / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     tags = [tag for tag in events.Tags()["scalars"] if tag.endswith("/knn_top1")]  # epoch/ or val/ prefix
     assert len(tags) == 1, events.Tags()["scalars"]
-    assert [event.step for event in events.Scalars(tags[0])] == [2, 3]
+    assert [event.step for event in events.Scalars(tags[0])] == [4, 6]  # optimizer updates done: 2 per epoch
 
     probe = linear_probe_main(["--model", MODEL, "--checkpoint", str(output / "encoder.safetensors"),
                                "--data_path", str(knn_data), "--input_size", "64", "--batch_size", "2",

@@ -81,8 +81,9 @@ def test_tensorboard_has_loss_lr_throughput_scalars_and_reconstruction_image(tin
     assert {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "epoch/loss", "epoch/lr",
             "epoch/grad_norm"} <= set(tags["scalars"])
     assert "reconstruction" in tags["images"]
-    assert len(events.Scalars("train/loss")) == 4  # 2 epochs x 2 iterations, print_freq 1
-    assert [event.step for event in events.Images("reconstruction")] == [1, 2]
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4]  # optimizer updates done
+    assert [event.step for event in events.Scalars("epoch/loss")] == [2, 4]  # 2 epochs x 2 updates
+    assert [event.step for event in events.Images("reconstruction")] == [2, 4]
 
 
 def test_rerun_of_a_finished_run_resumes_and_trains_nothing(tiny_run, caplog):

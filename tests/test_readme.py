@@ -8,7 +8,8 @@ their job on submitit's local executor. ``SKIPPED`` lists the commands that cann
 with the reason. A README command that matches no rule fails the test: say here how to run it.
 
 Python programs run in this process (``main(argv)``, as ``python X.py`` / ``python -m X`` would
-call it) so the test pays the imports once; torchrun commands run as subprocesses.
+call it) so the test pays the imports once; torchrun commands run as subprocesses. A command's
+leading ``NAME=value`` assignments (``WANDB_MODE=offline python ...``) set the environment for it alone.
 """
 from __future__ import annotations
 
@@ -162,6 +163,18 @@ def with_stand_ins(token: str, scratch: Path) -> str:
     return token
 
 
+def run_command(command: list[str], scratch: Path) -> None:
+    """One README command (placeholders replaced), by the rules of the module docstring."""
+    if command[0] == "torchrun":
+        run_torchrun(command, scratch)
+    elif command[:2] == ["python", "-m"]:
+        run_in_process(command[2], command[3:] + scale_down(command[2], command[3:]))
+    elif command[0] == "python" and command[1].endswith(".py"):
+        run_in_process(command[1], command[2:] + scale_down(command[1], command[2:]))
+    else:
+        raise AssertionError("no rule to run it here: add one to this test")
+
+
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
     scratch = tmp_path / "repo"
@@ -176,16 +189,16 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
             skipped.append(f"{written}: {reason}")
             continue
         command = [with_stand_ins(token, scratch) for token in command]
+        environment = {}  # a command's leading NAME=value assignments, for it alone
+        while re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", command[0]):
+            name, _, value = command.pop(0).partition("=")
+            environment[name] = value
         start = time.perf_counter()
         try:
-            if command[0] == "torchrun":
-                run_torchrun(command, scratch)
-            elif command[:2] == ["python", "-m"]:
-                run_in_process(command[2], command[3:] + scale_down(command[2], command[3:]))
-            elif command[0] == "python" and command[1].endswith(".py"):
-                run_in_process(command[1], command[2:] + scale_down(command[1], command[2:]))
-            else:
-                raise AssertionError("no rule to run it here: add one to this test")
+            with monkeypatch.context() as scoped:
+                for name, value in environment.items():
+                    scoped.setenv(name, value)
+                run_command(command, scratch)
         except SystemExit as stop:
             if stop.code:
                 pytest.fail(f"README command failed (exit code {stop.code}): {written}")
