@@ -41,7 +41,8 @@ import models  # noqa: E402,F401  (first: installs the torchvision guard before 
 from benchmarks.pretrain_speed import (machine_info, parse_with_smoke_defaults, resolve_backends_and_device,  # noqa: E402
                                        time_cases)
 from engine.data import (TRAIN_PREFETCH_FACTOR, build_image_folder, build_loader, embedded_photos,  # noqa: E402
-                         load_rgb_image, pretrain_transform)
+                         pretrain_transform)
+from engine.image_decode import load_rgb_image  # noqa: E402
 
 MASK_RATIO = 0.6  # the FCMAE recipe's
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

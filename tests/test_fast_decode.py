@@ -9,7 +9,8 @@ from scipy.stats import ks_2samp
 from torchvision import transforms
 
 from engine.data import (DraftRandomResizedCrop, ImageFolderSkippingUnreadable, build_loader, decodes_files,
-                         draft_scale, embedded_photos, load_rgb_image, open_image, pretrain_transform)
+                         draft_scale, embedded_photos, pretrain_transform)
+from engine.image_decode import load_rgb_image, open_image
 from finetune.transforms import build_train_transform
 from image_folders import make_image_folder
 
