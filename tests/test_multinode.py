@@ -89,7 +89,7 @@ def test_a_worker_killed_on_one_node_is_restarted_and_the_job_ends_with_the_same
 def test_a_stop_under_max_restarts_is_not_resumed_by_the_same_torchrun_but_by_a_new_one(data, straight, tmp_path):
     output, log = tmp_path / "out", tmp_path / "job.log"
     argv = pretrain_args(data, output, epochs=EPOCHS)
-    job = start_script("pretrain.py", argv, log, 2, "--max_restarts=2")
+    job = start_script("pretrain.py", argv, log, 2, "--max_restarts=1")
     wait_until(log_contains(output / "train.log", f"epoch 2/{EPOCHS} [1/2]"), job, log, "progress in epoch 2")
     for rank in (0, 1):  # the stop signal reaches the workers only (a preemption notice, a hook...)
         os.kill(process_with_rank(job.pid, rank), signal.SIGTERM)
