@@ -12,7 +12,7 @@
   (``ABORT_KEY``); ``engine.agreement`` raises ``PeerFailedError`` on them.
 * ``get_rank``, ``get_world_size``, ``is_main_process``, ``barrier``, ``all_reduce_mean``,
   ``all_gather_objects``, ``broadcast_object`` work with and without a process group.
-* ``wrap_ddp(model, device)``, ``unwrap_model(model)`` (removes DDP and torch.compile wrappers),
+* ``wrap_ddp(model, device)``, ``find_ddp(model)`` (the DDP wrapper, also under torch.compile),
   ``check_replicas_identical(state_dict)``: equal weights on every rank (SHA-256 of the bytes).
 """
 from __future__ import annotations
@@ -251,17 +251,6 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under torch.compile (``_orig_mod``) and DDP (``module``) wrappers."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def find_ddp(model: nn.Module) -> Optional[DistributedDataParallel]:
