@@ -87,7 +87,7 @@ def train_updates(model: nn.Module, batches: Iterator, loss_fn: LossFn, stepper:
         if stepper.ends_update(iteration):
             progress.add_update(*stepper.step())
             if progress.is_log_point(iteration):
-                progress.log_point(iteration)
+                progress.log_point(step)
             yield step
 
 

@@ -30,6 +30,7 @@ from .logging import ProgressMeter
 from .stepper import GradientStepper
 
 if TYPE_CHECKING:
+    from .loop import Step
     from .trackers import Trackers
 
 DEFAULT_MAX_SKIPPED_IN_ROW = 10
@@ -125,9 +126,10 @@ class EpochProgress:
         iteration, value = min(found) if found else (self.first_unread, float("nan"))
         raise non_finite_loss_error(value, self.epoch, iteration, self.first_unread, last)
 
-    def log_point(self, iteration: int) -> None:
-        """Read, check and log everything since the last log point (iteration ``iteration`` done);
-        a no-op if nothing was added since. Every rank must call it at the same iterations."""
+    def log_point(self, step: Step) -> None:
+        """Read, check and log everything since the last log point (``step``, the update just done);
+        a no-op if nothing was added since. Every rank must call it at the same steps."""
+        iteration = step.iteration
         if self.first_unread is None:
             return
         names = sorted(self.sums)
@@ -157,8 +159,7 @@ class EpochProgress:
         epoch_loss = self.totals["loss"][0] / self.totals["loss"][1]
         self.meter.log_line(iteration + 1, means["loss"], epoch_loss, lr, images_per_s, shown, mfu)
         if self.trackers is not None:
-            updates_done = self.epoch * self.stepper.updates_per_epoch(self.iterations) + (iteration + 1) // \
-                self.stepper.update_freq
+            updates_done = step.update + 1
             self.trackers.scalars({"loss": means["loss"], "lr": lr, "images_per_s": images_per_s, **shown,
                                    **({"mfu": mfu} if mfu is not None else {})}, updates_done, "train/")
 

@@ -320,7 +320,7 @@ class Trainer:
                 break  # the end of the epoch evaluates and checkpoints
             decision = self.agreement.check()
             if decision.save or decision.stop or self.steps_due(step):
-                progress.log_point(step.iteration)  # read and check before saving
+                progress.log_point(step)  # read and check before saving
                 path = self.save(epoch, done, progress.state_dict())
                 if decision.stop:
                     self.stop(path, f"in epoch {epoch + 1} after iteration {done}")
