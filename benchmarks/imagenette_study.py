@@ -24,7 +24,7 @@ uses the project's own pieces (``fcmae.build_fcmae``, ``engine``, ``finetune``),
 the product.
 
 **Budgets.** Before an arm pretrains, a calibration times ``--calibration-updates`` training
-updates of a throwaway copy of its model (after two warm-up updates) and sets the epoch count so
+updates of a throwaway copy of its model (after ten warm-up updates) and sets the epoch count so
 the updates take the budget: ``epochs = max(1, round(budget_s * images_per_s / images_per_epoch))``
 (whole epochs: the budget give or take half an epoch). The arm then runs a complete schedule
 (warmup, then half-cosine to 0) over those epochs. The budget covers training updates only: the
@@ -115,7 +115,7 @@ DEFAULT_ARMS = ((128, 4), (96, 2), (128, 2))  # (input size, stem stride): 4x4, 
 WARMUP_SHARE = 0.1  # of all optimizer updates, in pretraining and fine-tuning
 PRETRAIN_CROP_SCALE = (0.2, 1.0)  # FCMAE recipe
 FINETUNE_CROP_SCALE = (0.35, 1.0)  # light augmentation for a few epochs on little data
-CALIBRATION_WARMUP_UPDATES = 2  # untimed: the first updates pay for allocations
+CALIBRATION_WARMUP_UPDATES = 10  # untimed: the first updates pay for allocations and a cold machine
 PLAN_TOLERANCE = 0.25  # a pretraining that strays further from its budget is flagged
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "train_s", "wall_s", "loss_per_epoch", "knn_curve")
 
@@ -651,7 +651,7 @@ def build_parser() -> TrainingArgumentParser:
                         help="pretraining updates per arm, in minutes of this machine (calibrated)")
     parser.add_argument("--long-budget-minutes", type=float, default=80.0,
                         help="the winner again with this budget, its own run (0: none)")
-    parser.add_argument("--calibration-updates", type=int, default=20, help="timed updates that set an arm's epochs")
+    parser.add_argument("--calibration-updates", type=int, default=60, help="timed updates that set an arm's epochs")
     parser.add_argument("--knn-points", type=int, default=6,
                         help="k-NN monitor evaluations per pretraining, epoch 0 to the end")
     parser.add_argument("--batch-size", type=int, default=32)
