@@ -26,7 +26,9 @@ the product.
 **Budgets.** Before an arm pretrains, a calibration times ``--calibration-updates`` training
 updates of a throwaway copy of its model (after ten warm-up updates) and sets the epoch count so
 the updates take the budget: ``epochs = max(1, round(budget_s * images_per_s / images_per_epoch))``
-(whole epochs: the budget give or take half an epoch). The arm then runs a complete schedule
+(whole epochs: the budget give or take half an epoch); the longer budget of step 4 reuses its
+setting's calibration, so it buys twice the updates (for 80 vs 40 minutes) even when the machine's
+speed has drifted since (a study may span sessions). The arm then runs a complete schedule
 (warmup, then half-cosine to 0) over those epochs. The budget covers training updates only: the
 k-NN monitor's passes and checkpoint writes are timed apart. The actual training time, images
 seen and images/s are recorded; on a loaded machine they stray from the plan, and a warning
@@ -385,6 +387,16 @@ def calibrate(args: argparse.Namespace, arm: Arm, splits: StudySplits) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
+def scaled_plan(args: argparse.Namespace, arm: Arm, calibration: dict) -> dict:
+    """The plan of ``arm`` (a longer budget of a setting) from the calibration of the same setting
+    at ``--budget-minutes``: its speed, measured once, so the longer budget buys its ratio of the
+    shorter one's updates however the machine's speed drifts between sessions."""
+    epochs = planned_epochs(arm.budget_minutes * 60, calibration["images_per_s"], calibration["images_per_epoch"])
+    _logger.info("%s: %.1f img/s calibrated at %s -> %d epochs of %d images", arm.name, calibration["images_per_s"],
+                 format_duration(args.budget_minutes * 60), epochs, calibration["images_per_epoch"])
+    return {**calibration, "epochs": epochs}
+
+
 def knn_point(monitor: KNNMonitor, encoder: torch.nn.Module, epoch: int, train_s: float, images_seen: int) -> dict:
     """One point of the k-NN curve: where the pretraining is and the monitor's 20-NN top-1 (%)."""
     return {"epoch": epoch, "train_minutes": train_s / 60, "images_seen": images_seen, **monitor.evaluate(encoder)}
@@ -545,7 +557,9 @@ def evaluate_arm(args: argparse.Namespace, arm: Arm, seeds: Sequence[int], steps
     def step(name: str, function: Callable, *function_args, needs: Iterable[Path] = ()) -> dict:
         return steps.result(name, lambda: function(args, arm, *function_args, splits_at(arm.input_size)), needs)
 
-    plan = step(f"calibrate-{arm.name}", calibrate)
+    base = dataclasses.replace(arm, budget_minutes=args.budget_minutes)  # the setting at the study's budget
+    calibration = steps.result(f"calibrate-{base.name}", lambda: calibrate(args, base, splits_at(arm.input_size)))
+    plan = calibration if arm == base else scaled_plan(args, arm, calibration)
     pretraining = step(f"pretrain-{arm.name}", pretrain_arm, plan["epochs"], run_dir, needs=[encoder])
     for checkpoint in checkpoint_paths(run_dir):  # done: later steps read the encoder export only
         checkpoint.unlink()

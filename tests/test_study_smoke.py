@@ -105,6 +105,14 @@ def test_every_arm_pretrains_for_the_epochs_its_calibration_gives_its_budget(smo
         assert [point["epoch"] for point in pretraining["knn_curve"]] == [0, pretraining["epochs"]]  # --knn-points 2
 
 
+def test_the_longer_budget_reuses_the_winners_calibration(smoke):
+    """One speed per setting: the longer budget buys its ratio of the winner's updates, whatever
+    the machine's speed when it starts (a study may span sessions)."""
+    arms, long_name = smoke.results["arms"], smoke.results["long"]
+    assert arms[long_name]["calibration"]["images_per_s"] == arms[smoke.results["winner"]]["calibration"]["images_per_s"]
+    assert not (smoke.out / "steps" / f"calibrate-{long_name}.json").exists()
+
+
 def test_gains_are_fine_tune_minus_scratch_of_the_same_seed_and_probe_minus_random_encoder(smoke):
     for name, arm in smoke.results["arms"].items():
         gains = arm["gains"]
