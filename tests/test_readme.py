@@ -45,7 +45,7 @@ SKIPPED = (
 STAND_INS = {
     "/data/imagenette2-224": "{scratch}/data/imagenet",  # ImageNet-style folders: 4 colours, train/ and val/
     "/data/imagenet": "{scratch}/data/imagenet",
-    "/data/stl10": "{scratch}/data/imagenet",  # small images: the same folders (the commands set 96 px)
+    "/data/my_images": "{scratch}/data/imagenet",  # small images: the same folders (the commands set 128 px)
     "/data/xray": "{scratch}/data/xray",  # 16-bit grayscale PNGs
     "/data/rgbi": "{scratch}/data/rgbi",  # 4-channel .npy arrays
     "/path/to/imagenet-1k": "{scratch}/data/imagenet",

@@ -103,11 +103,11 @@ def test_stem_flags_are_validated_before_any_work(cli, flags, message, tmp_path,
 def test_small_image_configs_are_valid_and_use_the_stride_two_stem():
     args = parse_args(pretrain.build_parser(), ["--config", str(REPO / "configs" / "pretrain_atto_small_images.yaml")])
     validate(args, TRAINING_CHECKS + pretrain.PRETRAIN_CHECKS)
-    assert (args.stem_stride, args.input_size, args.mask_ratio) == (2, 96, 0.6)
+    assert (args.stem_stride, args.input_size, args.mask_ratio) == (2, 128, 0.6)
     finetune = load_finetune_script()
     args = parse_args(finetune.build_parser(), ["--config", str(REPO / "configs" / "finetune_atto_small_images.yaml")])
     validate(args, TRAINING_CHECKS + finetune.FINETUNE_CHECKS)
-    assert (args.stem_stride, args.input_size) == (2, 96)
+    assert (args.stem_stride, args.input_size) == (2, 128)
 
 
 def test_the_knn_monitor_embeds_with_a_stride_two_stem(tmp_path, caplog):
