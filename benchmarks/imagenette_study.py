@@ -387,13 +387,13 @@ def calibrate(args: argparse.Namespace, arm: Arm, splits: StudySplits) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
-def scaled_plan(args: argparse.Namespace, arm: Arm, calibration: dict) -> dict:
-    """The plan of ``arm`` (a longer budget of a setting) from the calibration of the same setting
-    at ``--budget-minutes``: its speed, measured once, so the longer budget buys its ratio of the
-    shorter one's updates however the machine's speed drifts between sessions."""
+def arm_plan(arm: Arm, calibration: dict) -> dict:
+    """The calibration of ``arm``'s setting with the epochs that fill ``arm.budget_minutes``: one
+    measured speed per setting, so a longer budget buys its ratio of the shorter one's updates
+    however the machine's speed drifts between sessions."""
     epochs = planned_epochs(arm.budget_minutes * 60, calibration["images_per_s"], calibration["images_per_epoch"])
-    _logger.info("%s: %.1f img/s calibrated at %s -> %d epochs of %d images", arm.name, calibration["images_per_s"],
-                 format_duration(args.budget_minutes * 60), epochs, calibration["images_per_epoch"])
+    _logger.info("%s: %.1f img/s -> %d epochs of %d images", arm.name, calibration["images_per_s"], epochs,
+                 calibration["images_per_epoch"])
     return {**calibration, "epochs": epochs}
 
 
@@ -559,7 +559,7 @@ def evaluate_arm(args: argparse.Namespace, arm: Arm, seeds: Sequence[int], steps
 
     base = dataclasses.replace(arm, budget_minutes=args.budget_minutes)  # the setting at the study's budget
     calibration = steps.result(f"calibrate-{base.name}", lambda: calibrate(args, base, splits_at(arm.input_size)))
-    plan = calibration if arm == base else scaled_plan(args, arm, calibration)
+    plan = arm_plan(arm, calibration)
     pretraining = step(f"pretrain-{arm.name}", pretrain_arm, plan["epochs"], run_dir, needs=[encoder])
     for checkpoint in checkpoint_paths(run_dir):  # done: later steps read the encoder export only
         checkpoint.unlink()
