@@ -25,6 +25,7 @@
 * ``agreement``    per-update decisions (stop, time-based checkpoint) agreed through the job's store.
 * ``signals``      SIGTERM/SIGUSR1 -> checkpoint at the next update boundary -> exit 3; the stop
                    marker that torchrun's restarted workers honour.
+* ``interrupts``   Ctrl-C held back while a file or a tracker is being written (a second one is not).
 * ``runner``       ``launch`` and ``run_training(args, info, task)``: the skeleton both CLIs share;
                    ``Trainer`` holds one run's epochs.
 * ``image_index``  the paths (and labels) of a dataset's images in a few numpy arrays.

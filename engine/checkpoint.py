@@ -3,7 +3,8 @@
 * ``atomic_write(path, write_fn)``: ``write_fn(file)`` writes a temporary file in the same folder,
   which is flushed, fsynced and renamed over ``path`` (then the folder is fsynced): a reader sees
   the old file or the new one, never half of one. A failed write (disk full, read-only folder)
-  removes the temporary file and raises ``OutputWriteError`` naming the file.
+  removes the temporary file and raises ``OutputWriteError`` naming the file. A Ctrl-C during
+  the write waits for it to finish (``engine.interrupts``), so it never breaks a save.
 * ``save_checkpoint(state, output_dir, epoch, keep_last, updates=0)`` ->
   ``<output_dir>/checkpoint-<epoch>.pth`` (``epoch`` = epochs completed) or, inside an epoch,
   ``checkpoint-<epoch>-<updates>.pth`` (``updates`` optimizer updates into the next epoch). It then
@@ -45,6 +46,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from engine.distributed import broadcast_object
 from engine.errors import ConfigError
+from engine.interrupts import interrupts_deferred
 from models.checkpoint import file_format
 
 _logger = logging.getLogger(__name__)
@@ -81,8 +83,10 @@ def _umask() -> int:
     return mask
 
 
+@interrupts_deferred()
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any]) -> Path:
-    """Write ``path`` through ``write_fn(binary_file)`` so it is replaced all at once or not at all."""
+    """Write ``path`` through ``write_fn(binary_file)`` so it is replaced all at once or not at all;
+    a Ctrl-C meanwhile takes effect once the file is complete (``engine.interrupts``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .interrupts import interrupts_deferred
 from .logging import TensorBoardWriter
 
 _logger = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ class MlflowRun:
 
 class Trackers:
     """TensorBoard and the optional trackers behind one set of calls (see the module docstring).
+    A Ctrl-C during a call takes effect when the call returns (``engine.interrupts``): it never
+    cuts a tracker's write, which could leave the tracker's lock taken and its close hanging.
 
     ``logged_through``: steps up to it were logged before this process (a resumed run) and are
     not logged again. ``step_file``: where each new highest step is recorded (None: nowhere)."""
@@ -173,6 +176,7 @@ class Trackers:
                 write_logged_step(self.step_file, self.runs["run_id"], step)
         return True
 
+    @interrupts_deferred()
     def scalars(self, values: Mapping[str, float], step: int, prefix: str = "") -> None:
         if not values or not self._new(step):
             return
@@ -180,6 +184,7 @@ class Trackers:
         self.tensorboard.scalars(named, step)
         self._each("scalars", named, step)
 
+    @interrupts_deferred()
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """``image``: (3, H, W) float in [0, 1]."""
         if not self._new(step):
@@ -187,10 +192,12 @@ class Trackers:
         self.tensorboard.image(tag, image, step)
         self._each("image", tag, image, step)
 
+    @interrupts_deferred()
     def artifact(self, path: str | os.PathLike) -> None:
         """Attach the file ``path`` to the run (MLflow: copied into its artifacts)."""
         self._each("artifact", Path(path))
 
+    @interrupts_deferred()
     def flush(self) -> None:
         self.tensorboard.flush()
 
@@ -198,6 +205,7 @@ class Trackers:
         """For the checkpoint: the tracker runs to continue and the last step logged ({} off rank 0)."""
         return {**self.runs, "last_step": self.last_step} if self.runs else {}
 
+    @interrupts_deferred()
     def close(self, finished: bool = True) -> None:
         """``finished``: the run trained to its end (else it stopped to be resumed, or failed)."""
         self.tensorboard.close()

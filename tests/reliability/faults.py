@@ -19,8 +19,10 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-# one thread everywhere: bitwise-equal numbers between processes, no stalls on a busy machine
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+# one thread everywhere: bitwise-equal numbers between processes, no stalls on a busy machine;
+# faulthandler on, so a process that hangs can be made to print where (``exit_code``)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+                  "PYTHONPATH": str(REPO)}
 POLL_S = 0.002
 
 # 8 images, batch 2: 4 iterations per epoch, a progress line after each
@@ -93,10 +95,21 @@ def stop_started_processes() -> None:
             process.wait()
 
 
+def exit_code(process: subprocess.Popen, log: Path, timeout: float) -> int:
+    """``process``'s exit code once it ends; if it runs past ``timeout``, fail with every thread's
+    stack (SIGABRT: faulthandler prints them to ``log``) and the end of ``log``."""
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        process.wait()
+        raise AssertionError(f"still running {timeout} s later; its stacks and output:\n{log.read_text()[-8000:]}")
+
+
 def finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     """Wait for ``process``; fail with the end of its output unless it exited 0."""
-    process.wait(timeout)
-    assert process.returncode == 0, f"exit code {process.returncode}:\n{log.read_text()[-4000:]}"
+    code = exit_code(process, log, timeout)
+    assert code == 0, f"exit code {code}:\n{log.read_text()[-4000:]}"
 
 
 def wait_until(condition: Callable[[], bool], process: subprocess.Popen, log: Path, what: str,

@@ -20,8 +20,8 @@ from engine.checkpoint import checkpoint_paths, load_checkpoint
 from engine.signals import EXIT_INTERRUPTED, EXIT_STOPPED, request_stop
 from image_folders import make_image_folder
 from reliability.faults import (POLL_S, SUBPROCESS_ENV, assert_states_equal, child_pids, cli_args, cli_module,
-                                finish, log_contains, pretrain_args, process_with_rank, progress_by_iteration,
-                                sigkill, start_script, wait_until)
+                                exit_code, finish, log_contains, pretrain_args, process_with_rank,
+                                progress_by_iteration, sigkill, start_script, wait_until)
 
 EPOCHS = 3  # 4 iterations of batch 2 each
 MID_EPOCH = re.compile(r"checkpoint-\d+-\d+\.pth")
@@ -138,7 +138,7 @@ def test_sigterm_then_sigusr1_during_the_save_exit_3_with_a_complete_checkpoint_
         time.sleep(POLL_S)  # until the stop checkpoint is being written (or the process is done)
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGUSR1)
-    assert process.wait(120) == EXIT_STOPPED, log.read_text()[-3000:]
+    assert exit_code(process, log, 120) == EXIT_STOPPED, log.read_text()[-3000:]
 
     text = log.read_text()
     stopped = re.search(r"stopped on SIGTERM in epoch 2 after iteration (\d): wrote (\S+); rerun", text)
@@ -171,7 +171,7 @@ def test_sigterm_during_a_knn_pass_stops_it_at_its_next_batch_with_the_epoch_che
     wait_until(lambda: len(child_pids(process.pid)) == 4, process, log, "the k-NN loader's 2 workers (beside the "
                "training loader's 2)")
     os.killpg(process.pid, signal.SIGTERM)
-    assert process.wait(120) == EXIT_STOPPED, log.read_text()[-3000:]
+    assert exit_code(process, log, 120) == EXIT_STOPPED, log.read_text()[-3000:]
 
     text = log.read_text()
     assert f"stopped on SIGTERM after epoch 1: wrote {output / 'checkpoint-1.pth'}; rerun" in text, text[-3000:]
@@ -194,7 +194,7 @@ def test_ctrl_c_stops_with_one_line_naming_the_last_checkpoint(pretrain_data, tm
     process = start_script("pretrain.py", pretrain_args(pretrain_data, output), log)
     wait_until(log_contains(output / "train.log", f"epoch 2/{EPOCHS} [2/4]"), process, log, "iteration 2 of epoch 2")
     process.send_signal(signal.SIGINT)
-    assert process.wait(120) == EXIT_INTERRUPTED
+    assert exit_code(process, log, 120) == EXIT_INTERRUPTED
     lines = log.read_text().splitlines()
     assert "Traceback" not in log.read_text()
     assert lines[-1].endswith(f"interrupted (Ctrl-C); the last checkpoint is {output / 'checkpoint-1.pth'}; "

@@ -8,7 +8,7 @@ import pytest
 
 import pretrain
 from engine.signals import EXIT_STOPPED
-from reliability.faults import finish, log_contains, pretrain_args, start_script, wait_until
+from reliability.faults import exit_code, finish, log_contains, pretrain_args, start_script, wait_until
 from reliability.test_preemption import EPOCHS, PRETRAIN_KEYS, assert_same_training
 from shard_files import convert, piped
 
@@ -53,7 +53,7 @@ def test_sigterm_inside_an_epoch_on_shards_resumes_bitwise(kind, workers, shard_
     process = start_script("pretrain.py", argv, log)
     wait_until(log_contains(output / "train.log", f"epoch 2/{EPOCHS} [1/4]"), process, log, "iteration 1 of epoch 2")
     os.killpg(process.pid, signal.SIGTERM)
-    assert process.wait(120) == EXIT_STOPPED, log.read_text()[-3000:]
+    assert exit_code(process, log, 120) == EXIT_STOPPED, log.read_text()[-3000:]
     text = log.read_text()
     stopped = re.search(r"stopped on SIGTERM in epoch 2 after iteration (\d): wrote (\S+); rerun", text)
     assert stopped and "Traceback" not in text and "unreadable" not in text, text[-3000:]
