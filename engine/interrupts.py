@@ -2,9 +2,10 @@
 
 Python raises ``KeyboardInterrupt`` at whatever line runs when SIGINT arrives. Inside
 ``torch.save`` that breaks the zip it is writing (``unexpected pos ...``, exit 1 instead of the
-Ctrl-C exit, and the checkpoint of a finished epoch lost); inside a library that holds a lock
-(TensorBoard's writer thread, W&B, MLflow) it can leave the lock taken, and the close that
-follows waits forever. So the writes run inside ``interrupts_deferred()``:
+Ctrl-C exit, and the checkpoint of a finished epoch lost); inside a library that hands work to
+a thread it can leave that hand-over half done: cut inside ``queue.Queue.put`` after the item is
+counted but before the thread is woken, TensorBoard's writer makes the close that follows wait
+for its next flush, up to 120 s. So the writes run inside ``interrupts_deferred()``:
 
     with interrupts_deferred():
         torch.save(state, file)   # a Ctrl-C here lets the save finish, then raises KeyboardInterrupt

@@ -154,7 +154,7 @@ class MlflowRun:
 class Trackers:
     """TensorBoard and the optional trackers behind one set of calls (see the module docstring).
     A Ctrl-C during a call takes effect when the call returns (``engine.interrupts``): it never
-    cuts a tracker's write, which could leave the tracker's lock taken and its close hanging.
+    cuts a tracker's write half-way (TensorBoard's close could then wait up to 120 s).
 
     ``logged_through``: steps up to it were logged before this process (a resumed run) and are
     not logged again. ``step_file``: where each new highest step is recorded (None: nowhere)."""
